@@ -1,0 +1,12 @@
+"""sasoftmax: Self-Adjust Softmax (arXiv 2502.18277) for PyTorch.
+
+``sa_softmax`` is the function; ``sa_attention`` is attention with it, exact in value and gradient, with a
+memory-efficient CPU/GPU path and a fused Triton kernel. See ``design`` notes in the docs for the contract.
+"""
+
+from .attention import available_backends, sa_attention, sa_attention_with_weights
+from .functional import sa_softmax
+
+__version__ = "0.1.0"
+
+__all__ = ["sa_softmax", "sa_attention", "sa_attention_with_weights", "available_backends", "__version__"]

@@ -1,0 +1,41 @@
+"""Counter-based attention dropout: the keep/drop decision of score ``(b, h, i, j)`` is a hash of its index and a
+seed, so every backend and every block size drops exactly the same entries, and a backward pass can regenerate the
+forward's mask block by block without storing it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """One 62-bit seed from ``generator`` (or torch's default CPU generator, so ``torch.manual_seed`` reproduces)."""
+    if generator is not None and generator.device.type != "cpu":
+        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def keep_mask(
+    seed: int, p: float, batch: int, heads: int, nq: int, nk: int, i0: int, i1: int, device: torch.device
+) -> Tensor:
+    """Bool keep-mask ``(B, H, i1-i0, Nk)`` for query rows ``[i0, i1)`` of a ``(B, H, Nq, Nk)`` score tensor;
+    each entry is kept with probability ``1 - p``."""
+    bh = (torch.arange(batch, device=device)[:, None] * heads + torch.arange(heads, device=device)[None, :])
+    rows = torch.arange(i0, i1, device=device)
+    cols = torch.arange(nk, device=device)
+    idx = (bh[:, :, None, None] * nq + rows[None, None, :, None]) * nk + cols[None, None, None, :]
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    h = _fmix32((idx & _M32) ^ lo)
+    h = _fmix32(h ^ (idx >> 32) ^ hi)
+    threshold = int(p * 2**32)
+    return h >= threshold

@@ -1,0 +1,243 @@
+"""Validation and one canonical form of everything an SA attention call takes.
+
+Every backend receives an :class:`AttentionInputs`, so the meaning of masks, causality, biases and head layout is
+decided here once (``design/math.md`` section 4):
+
+* layout ``(B, H, N, D)`` as in ``torch.nn.functional.scaled_dot_product_attention``;
+* bool ``attn_mask``: True = attend; float ``attn_mask``: added to the scores, where entries ``<= -65504``
+  (``-inf`` and every dtype's ``finfo.min``, as Hugging Face builds them) mark the key as masked;
+* ``is_causal`` with ``Nq != Nk`` is aligned bottom-right: query ``i`` sits at key position ``Nk - Nq + i``;
+* grouped-query attention: ``k``/``v`` may have ``Hkv`` heads with ``Hq % Hkv == 0``; query head ``h`` uses key/value
+  head ``h // (Hq // Hkv)`` (the ``repeat_interleave`` convention of transformers);
+* ``bias``: additive, broadcastable to ``(B, Hq, Nq, Nk)``, may require grad;
+* ``alibi_slopes``: ``(Hq,)`` or ``(B, Hq)``; adds ``-slope * |Nk - Nq + i - j|`` (FlashAttention's convention)
+  without an N x N tensor. Slopes get no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..functional import compute_dtype
+
+# Float-mask entries at or below this value mean "masked" rather than "add this": it catches -inf and the
+# finfo.min of float16 (-65504), bfloat16 and float32, which is how transformers writes masked positions.
+MASKED_FLOAT_THRESHOLD = -65504.0
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class AttentionInputs:
+    """A validated attention call. All masks/biases are 4-d views broadcastable to ``(B, Hq, Nq, Nk)``."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    keep: Tensor | None  # bool, True = attend (from a bool mask or the finite part of a float mask)
+    mask_add: Tensor | None  # additive part of a float mask (no gradient), masked entries set to 0
+    bias: Tensor | None  # additive bias, may require grad
+    alibi_slopes: Tensor | None  # (B or 1, Hq) float32
+    is_causal: bool
+    scale: float
+    normalize: bool
+    detach_range: bool
+    eps: float
+    dropout_p: float
+    generator: torch.Generator | None
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def groups(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+    @property
+    def nq(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def nk(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.q.dtype)
+
+    @property
+    def has_mask(self) -> bool:
+        return self.keep is not None or self.is_causal
+
+    def visible(self, i0: int, i1: int) -> Tensor | None:
+        """Bool visibility of query rows ``[i0, i1)``: a tensor broadcastable to ``(B, Hq, i1-i0, Nk)`` or None."""
+        vis = None if self.keep is None else _rows(self.keep, i0, i1)
+        if self.is_causal:
+            causal = causal_block(i0, i1, self.nq, self.nk, self.q.device)
+            vis = causal if vis is None else vis & causal
+        return vis
+
+    def additive(self, i0: int, i1: int, dtype: torch.dtype) -> Tensor | None:
+        """The no-gradient additive terms (float-mask values, ALiBi) of rows ``[i0, i1)``, or None."""
+        add = None if self.mask_add is None else _rows(self.mask_add, i0, i1).to(dtype)
+        if self.alibi_slopes is not None:
+            al = alibi_block(self.alibi_slopes, i0, i1, self.nq, self.nk, dtype)
+            add = al if add is None else add + al
+        return add
+
+    def bias_rows(self, i0: int, i1: int) -> Tensor | None:
+        return None if self.bias is None else _rows(self.bias, i0, i1)
+
+
+def _rows(t: Tensor, i0: int, i1: int) -> Tensor:
+    return t if t.shape[2] == 1 else t[:, :, i0:i1]
+
+
+def causal_block(i0: int, i1: int, nq: int, nk: int, device: torch.device) -> Tensor:
+    """Bottom-right aligned causal visibility of query rows ``[i0, i1)``: bool ``(i1-i0, Nk)``."""
+    qpos = torch.arange(i0, i1, device=device) + (nk - nq)
+    kpos = torch.arange(nk, device=device)
+    return kpos[None, :] <= qpos[:, None]
+
+
+def alibi_block(slopes: Tensor, i0: int, i1: int, nq: int, nk: int, dtype: torch.dtype) -> Tensor:
+    """ALiBi bias ``-slope * |Nk - Nq + i - j|`` for rows ``[i0, i1)``: ``(B or 1, Hq, i1-i0, Nk)``."""
+    qpos = torch.arange(i0, i1, device=slopes.device, dtype=dtype) + (nk - nq)
+    kpos = torch.arange(nk, device=slopes.device, dtype=dtype)
+    dist = (qpos[:, None] - kpos[None, :]).abs()
+    return -slopes.to(dtype)[:, :, None, None] * dist
+
+
+def _as_4d(t: Tensor, name: str, target: tuple[int, int, int, int]) -> Tensor:
+    if t.dim() > 4:
+        raise ValueError(f"`{name}` must have at most 4 dims (broadcastable to (B, Hq, Nq, Nk)={target}), got {t.dim()}")
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    for size, want in zip(t.shape, target):
+        if size not in (1, want):
+            raise ValueError(
+                f"`{name}` of shape {tuple(t.shape)} does not broadcast to (B, Hq, Nq, Nk)={target}"
+            )
+    return t
+
+
+def prepare(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    bias: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    normalize: bool = True,
+    detach_range: bool = False,
+    dropout_p: float = 0.0,
+    eps: float = 1e-10,
+    generator: torch.Generator | None = None,
+) -> AttentionInputs:
+    """Check an attention call and return its canonical form. Raises ``TypeError``/``ValueError`` naming the
+    offending argument for anything that does not fit the contract."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"`{name}` must be 4-d (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"`{name}` must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"`q`, `k`, `v` must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"`k` and `v` must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"`k` and `v` must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != D:
+        raise ValueError(f"`q` and `k` must have the same head_dim, got {D} and {k.shape[3]}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
+    Nk = k.shape[2]
+    target = (B, Hq, Nq, Nk)
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"`scale` must be a finite number, got {scale}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"`dropout_p` must be in [0, 1), got {dropout_p}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"`eps` must be a number >= 0, got {eps}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"`is_causal` must be a bool, got {type(is_causal).__name__}")
+
+    keep = mask_add = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"`attn_mask` must be a tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"`attn_mask` is on {attn_mask.device} but `q` is on {q.device}")
+        m4 = _as_4d(attn_mask, "attn_mask", target)
+        if m4.dtype == torch.bool:
+            keep = m4
+        elif m4.is_floating_point():
+            if m4.requires_grad:
+                raise ValueError("`attn_mask` must not require grad; pass learnable terms as `bias`")
+            keep = m4 > MASKED_FLOAT_THRESHOLD
+            if bool(torch.isnan(m4).any()):
+                raise ValueError("`attn_mask` contains NaN")
+            mask_add = torch.where(keep, m4, torch.zeros((), dtype=m4.dtype, device=m4.device))
+            if bool(keep.all()):
+                keep = None
+            if not bool(mask_add.any()):
+                mask_add = None
+        else:
+            raise TypeError(f"`attn_mask` must be bool (True = attend) or floating point (additive), got {attn_mask.dtype}")
+
+    if bias is not None:
+        if not isinstance(bias, Tensor) or not bias.is_floating_point():
+            raise TypeError("`bias` must be a floating-point tensor broadcastable to (B, Hq, Nq, Nk)")
+        if bias.device != q.device:
+            raise ValueError(f"`bias` is on {bias.device} but `q` is on {q.device}")
+        bias = _as_4d(bias, "bias", target)
+
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.is_floating_point():
+            raise TypeError("`alibi_slopes` must be a floating-point tensor of shape (Hq,) or (B, Hq)")
+        if alibi_slopes.requires_grad:
+            raise ValueError("`alibi_slopes` receive no gradient; pass learnable biases as `bias` instead")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"`alibi_slopes` is on {alibi_slopes.device} but `q` is on {q.device}")
+        if alibi_slopes.dim() == 1:
+            alibi_slopes = alibi_slopes[None]
+        if alibi_slopes.dim() != 2 or alibi_slopes.shape[1] != Hq or alibi_slopes.shape[0] not in (1, B):
+            raise ValueError(f"`alibi_slopes` must have shape ({Hq},) or ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
+        alibi_slopes = alibi_slopes.float()
+
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
+
+    return AttentionInputs(
+        q=q, k=k, v=v, keep=keep, mask_add=mask_add, bias=bias, alibi_slopes=alibi_slopes,
+        is_causal=is_causal, scale=scale, normalize=bool(normalize), detach_range=bool(detach_range),
+        eps=float(eps), dropout_p=float(dropout_p), generator=generator,
+    )
