@@ -37,6 +37,8 @@ def sa_rows(
     ``visible`` is a bool tensor broadcastable to ``s`` (True = take part) or None (all visible).
     Returns ``w`` with the shape of ``s``; masked entries and fully masked rows are exactly 0.
     """
+    if s.shape[-1] == 0:
+        return s.clone()
     if visible is not None:
         s_inf = s.masked_fill(~visible, float("-inf"))
         s_zero = s.masked_fill(~visible, 0.0)  # never multiply -inf by 0
@@ -93,7 +95,8 @@ def sa_softmax(
         x: floating-point tensor of any shape.
         dim: the dimension that is normalized.
         mask: optional bool tensor broadcastable to ``x``; True = keep, False = excluded (weight 0, and excluded
-            from the softmax and from the min/max of the normalized form).
+            from the softmax and from the min/max of the normalized form). Entries of ``x`` equal to ``-inf`` are
+            excluded the same way.
         normalize: True for the paper's normalized form ``(x - a) / (b - a + eps) * softmax(x)`` with
             ``a = min(min x, 0)``, ``b = max(max x, 0)``; False for ``x * softmax(x)``.
         detach_range: stop the gradient through ``a`` and ``b`` (normalized form only).
@@ -110,11 +113,14 @@ def sa_softmax(
         raise ValueError("sa_softmax: `x` must have at least one dimension")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"sa_softmax: `dim`={dim} is out of range for a tensor with {x.dim()} dims")
-    if not eps >= 0:
-        raise ValueError(f"sa_softmax: `eps` must be >= 0, got {eps}")
+    if not eps > 0:
+        raise ValueError(f"sa_softmax: `eps` must be > 0, got {eps}")
     if mask is not None:
         _check_mask(mask, x)
         mask = mask.expand(x.shape).movedim(dim, -1)
     s = x.movedim(dim, -1).to(compute_dtype(x.dtype))
+    if bool(torch.isneginf(s).any()):  # -inf entries are excluded like masked ones, as softmax gives them 0
+        finite = ~torch.isneginf(s)
+        mask = finite if mask is None else mask & finite
     w = sa_rows(s, mask, normalize=normalize, detach_range=detach_range, eps=eps)
     return w.to(x.dtype).movedim(-1, dim)

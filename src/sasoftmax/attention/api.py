@@ -25,7 +25,9 @@ def _triton(inp: AttentionInputs) -> Tensor:
     try:
         from .triton_backend import triton_attention, unsupported_reason
     except ImportError as err:  # triton missing or the kernel module failed to import
-        raise RuntimeError(f"backend='triton' needs the `triton` package (pip install 'sasoftmax[triton]'): {err}") from err
+        raise RuntimeError(
+            f"backend='triton' needs the `triton` package (pip install 'sasoftmax[triton]'): {err}"
+        ) from err
     reason = unsupported_reason(inp)
     if reason is not None:
         raise ValueError(f"backend='triton' cannot run this call: {reason}")
@@ -57,6 +59,31 @@ def _auto(inp: AttentionInputs) -> str:
             return "triton"
         log.debug("auto: triton cannot run this call (%s); using chunked", reason)
     return "chunked"
+
+
+def _autocast_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, str | None]:
+    """Under autocast, run in the autocast dtype like SDPA does (q/k/v cast to it); returns the device type whose
+    autocast must be switched off inside, so the backends' explicit float32 row math is kept."""
+    if not isinstance(q, Tensor):
+        return q, k, v, None
+    dev = q.device.type
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except (TypeError, RuntimeError):  # device types without autocast support
+        return q, k, v, None
+    if not enabled:
+        return q, k, v, None
+    dt = torch.get_autocast_dtype(dev)
+    cast = [t.to(dt) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+            for t in (q, k, v)]
+    return cast[0], cast[1], cast[2], dev
+
+
+def _run(fn, dev: str | None, *args):
+    if dev is None:
+        return fn(*args)
+    with torch.autocast(dev, enabled=False):
+        return fn(*args)
 
 
 def sa_attention(
@@ -97,8 +124,9 @@ def sa_attention(
         backend: ``"auto"``, ``"reference"`` (materialized), ``"chunked"`` (memory-efficient) or ``"triton"``.
 
     Returns:
-        ``(B, Hq, Nq, Dv)`` in the input dtype. Rows with no visible key are 0.
+        ``(B, Hq, Nq, Dv)`` in the input dtype (under autocast: the autocast dtype). Rows with no visible key are 0.
     """
+    q, k, v, ac_dev = _autocast_qkv(q, k, v)
     inp = prepare(
         q, k, v, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes,
         normalize=normalize, detach_range=detach_range, dropout_p=dropout_p, eps=eps, generator=generator,
@@ -106,7 +134,7 @@ def sa_attention(
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"unknown `backend`={backend!r}; expected one of {available_backends()}")
     name = _auto(inp) if backend == "auto" else backend
-    return BACKENDS[name](inp)
+    return _run(BACKENDS[name], ac_dev, inp)
 
 
 def sa_attention_with_weights(
@@ -129,9 +157,10 @@ def sa_attention_with_weights(
 
     Returns ``(output (B, Hq, Nq, Dv), weights (B, Hq, Nq, Nk))``; the weights are those applied to ``v`` (after
     masking and dropout), in the input dtype. Memory is O(N^2): use it for analysis, not for long sequences."""
+    q, k, v, ac_dev = _autocast_qkv(q, k, v)
     inp = prepare(
         q, k, v, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes,
         normalize=normalize, detach_range=detach_range, dropout_p=dropout_p, eps=eps, generator=generator,
     )
-    out, w = reference_attention(inp)
+    out, w = _run(reference_attention, ac_dev, inp)
     return out, w.to(q.dtype)

@@ -26,11 +26,23 @@ def _fmix32(h: Tensor) -> Tensor:
 
 
 def keep_mask(
-    seed: int, p: float, batch: int, heads: int, nq: int, nk: int, i0: int, i1: int, device: torch.device
+    seed: int,
+    p: float,
+    batch: int,
+    heads: int,
+    nq: int,
+    nk: int,
+    i0: int,
+    i1: int,
+    device: torch.device,
+    bs: slice = slice(None),
+    hs: slice = slice(None),
 ) -> Tensor:
-    """Bool keep-mask ``(B, H, i1-i0, Nk)`` for query rows ``[i0, i1)`` of a ``(B, H, Nq, Nk)`` score tensor;
-    each entry is kept with probability ``1 - p``."""
-    bh = (torch.arange(batch, device=device)[:, None] * heads + torch.arange(heads, device=device)[None, :])
+    """Bool keep-mask ``(b, h, i1-i0, Nk)`` for query rows ``[i0, i1)`` (and batch/head ranges ``bs``/``hs``) of a
+    ``(B, H, Nq, Nk)`` score tensor; each entry is kept with probability ``1 - p``."""
+    b_idx = torch.arange(batch, device=device)[bs]
+    h_idx = torch.arange(heads, device=device)[hs]
+    bh = b_idx[:, None] * heads + h_idx[None, :]
     rows = torch.arange(i0, i1, device=device)
     cols = torch.arange(nk, device=device)
     idx = (bh[:, :, None, None] * nq + rows[None, None, :, None]) * nk + cols[None, None, None, :]

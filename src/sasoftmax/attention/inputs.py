@@ -29,6 +29,7 @@ from ..functional import compute_dtype
 MASKED_FLOAT_THRESHOLD = -65504.0
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ALL = slice(None)
 
 
 @dataclass
@@ -82,28 +83,43 @@ class AttentionInputs:
     def has_mask(self) -> bool:
         return self.keep is not None or self.is_causal
 
-    def visible(self, i0: int, i1: int) -> Tensor | None:
-        """Bool visibility of query rows ``[i0, i1)``: a tensor broadcastable to ``(B, Hq, i1-i0, Nk)`` or None."""
-        vis = None if self.keep is None else _rows(self.keep, i0, i1)
+    def visible(self, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL) -> Tensor | None:
+        """Bool visibility of query rows ``[i0, i1)`` (batch range ``bs``, query-head range ``hs``): a tensor
+        broadcastable to ``(b, h, i1-i0, Nk)``, or None when every key is visible."""
+        vis = None if self.keep is None else tile(self.keep, i0, i1, bs, hs)
         if self.is_causal:
             causal = causal_block(i0, i1, self.nq, self.nk, self.q.device)
             vis = causal if vis is None else vis & causal
         return vis
 
-    def additive(self, i0: int, i1: int, dtype: torch.dtype) -> Tensor | None:
-        """The no-gradient additive terms (float-mask values, ALiBi) of rows ``[i0, i1)``, or None."""
-        add = None if self.mask_add is None else _rows(self.mask_add, i0, i1).to(dtype)
+    def may_have_empty_rows(self) -> bool:
+        """False when every query row is guaranteed at least one visible key."""
+        return self.keep is not None or (self.is_causal and self.nq > self.nk)
+
+    def additive(self, i0: int, i1: int, dtype: torch.dtype, bs: slice = _ALL, hs: slice = _ALL) -> Tensor | None:
+        """The no-gradient additive terms (float-mask values, ALiBi) of a tile, or None."""
+        add = None if self.mask_add is None else tile(self.mask_add, i0, i1, bs, hs).to(dtype)
         if self.alibi_slopes is not None:
-            al = alibi_block(self.alibi_slopes, i0, i1, self.nq, self.nk, dtype)
+            slopes = tile2(self.alibi_slopes, bs, hs)
+            al = alibi_block(slopes, i0, i1, self.nq, self.nk, dtype)
             add = al if add is None else add + al
         return add
 
-    def bias_rows(self, i0: int, i1: int) -> Tensor | None:
-        return None if self.bias is None else _rows(self.bias, i0, i1)
+    def bias_rows(self, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL) -> Tensor | None:
+        return None if self.bias is None else tile(self.bias, i0, i1, bs, hs)
 
 
-def _rows(t: Tensor, i0: int, i1: int) -> Tensor:
-    return t if t.shape[2] == 1 else t[:, :, i0:i1]
+def tile(t: Tensor, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL) -> Tensor:
+    """Slice a 4-d tensor broadcastable to ``(B, H, Nq, Nk)`` to a tile, leaving its size-1 (broadcast) dims alone."""
+    return t[
+        bs if t.shape[0] != 1 else _ALL,
+        hs if t.shape[1] != 1 else _ALL,
+        slice(i0, i1) if t.shape[2] != 1 else _ALL,
+    ]
+
+
+def tile2(t: Tensor, bs: slice, hs: slice) -> Tensor:
+    return t[bs if t.shape[0] != 1 else _ALL, hs if t.shape[1] != 1 else _ALL]
 
 
 def causal_block(i0: int, i1: int, nq: int, nk: int, device: torch.device) -> Tensor:
@@ -123,10 +139,12 @@ def alibi_block(slopes: Tensor, i0: int, i1: int, nq: int, nk: int, dtype: torch
 
 def _as_4d(t: Tensor, name: str, target: tuple[int, int, int, int]) -> Tensor:
     if t.dim() > 4:
-        raise ValueError(f"`{name}` must have at most 4 dims (broadcastable to (B, Hq, Nq, Nk)={target}), got {t.dim()}")
+        raise ValueError(
+            f"`{name}` must have at most 4 dims (broadcastable to (B, Hq, Nq, Nk)={target}), got {t.dim()}"
+        )
     while t.dim() < 4:
         t = t.unsqueeze(0)
-    for size, want in zip(t.shape, target):
+    for size, want in zip(t.shape, target, strict=True):
         if size not in (1, want):
             raise ValueError(
                 f"`{name}` of shape {tuple(t.shape)} does not broadcast to (B, Hq, Nq, Nk)={target}"
@@ -164,6 +182,8 @@ def prepare(
     if not (q.device == k.device == v.device):
         raise ValueError(f"`q`, `k`, `v` must be on one device, got {q.device}, {k.device}, {v.device}")
     B, Hq, Nq, D = q.shape
+    if D == 0:
+        raise ValueError("`q` and `k` must have head_dim > 0")
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
     if k.shape[1] != v.shape[1]:
@@ -174,7 +194,9 @@ def prepare(
         raise ValueError(f"`q` and `k` must have the same head_dim, got {D} and {k.shape[3]}")
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
+        raise ValueError(
+            f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention"
+        )
     Nk = k.shape[2]
     target = (B, Hq, Nq, Nk)
 
@@ -185,12 +207,13 @@ def prepare(
         raise ValueError(f"`scale` must be a finite number, got {scale}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"`dropout_p` must be in [0, 1), got {dropout_p}")
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"`eps` must be a number >= 0, got {eps}")
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"`eps` must be a finite number > 0 (it keeps (b - a + eps) nonzero), got {eps}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"`is_causal` must be a bool, got {type(is_causal).__name__}")
 
     keep = mask_add = None
+    finite_checks: list[tuple[str, str, Tensor]] = []  # checked together below: one host sync per call at most
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"`attn_mask` must be a tensor or None, got {type(attn_mask).__name__}")
@@ -203,15 +226,13 @@ def prepare(
             if m4.requires_grad:
                 raise ValueError("`attn_mask` must not require grad; pass learnable terms as `bias`")
             keep = m4 > MASKED_FLOAT_THRESHOLD
-            if bool(torch.isnan(m4).any()):
-                raise ValueError("`attn_mask` contains NaN")
             mask_add = torch.where(keep, m4, torch.zeros((), dtype=m4.dtype, device=m4.device))
-            if bool(keep.all()):
-                keep = None
-            if not bool(mask_add.any()):
-                mask_add = None
+            unmasked = m4.masked_fill(m4 <= MASKED_FLOAT_THRESHOLD, 0.0)  # NaN and +inf survive this
+            finite_checks.append(("attn_mask", "NaN or +inf (use -inf or finfo.min to mask)", unmasked))
         else:
-            raise TypeError(f"`attn_mask` must be bool (True = attend) or floating point (additive), got {attn_mask.dtype}")
+            raise TypeError(
+                f"`attn_mask` must be bool (True = attend) or floating point (additive), got {attn_mask.dtype}"
+            )
 
     if bias is not None:
         if not isinstance(bias, Tensor) or not bias.is_floating_point():
@@ -219,6 +240,7 @@ def prepare(
         if bias.device != q.device:
             raise ValueError(f"`bias` is on {bias.device} but `q` is on {q.device}")
         bias = _as_4d(bias, "bias", target)
+        finite_checks.append(("bias", "non-finite values (mask keys with `attn_mask` instead of -inf)", bias))
 
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.is_floating_point():
@@ -232,6 +254,13 @@ def prepare(
         if alibi_slopes.dim() != 2 or alibi_slopes.shape[1] != Hq or alibi_slopes.shape[0] not in (1, B):
             raise ValueError(f"`alibi_slopes` must have shape ({Hq},) or ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
         alibi_slopes = alibi_slopes.float()
+        finite_checks.append(("alibi_slopes", "non-finite values", alibi_slopes))
+
+    if finite_checks:
+        flags = torch.stack([~torch.isfinite(t.detach()).all() for _, _, t in finite_checks])
+        if bool(flags.any()):
+            name, what = next((n, w) for (n, w, _), bad in zip(finite_checks, flags.tolist(), strict=True) if bad)
+            raise ValueError(f"`{name}` contains {what}")
 
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
