@@ -1,0 +1,267 @@
+"""SA-Softmax as a Hugging Face ``transformers`` attention implementation.
+
+After :func:`register` (idempotent), any model whose attention dispatches through ``transformers.AttentionInterface``
+(Llama, Qwen2, Mistral, GPT-2 and most decoder models of transformers 5.x) can run SA-Softmax attention::
+
+    import sasoftmax.integrations.hf as sa_hf
+
+    sa_hf.register()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sa_softmax")      # or from_pretrained
+    model.set_attn_implementation("sa_softmax_plain")                                      # switch later
+    sa_hf.convert_model(model)                                                              # register + switch
+
+Names:
+
+* ``"sa_softmax"``: the paper's normalized form (``normalize=True``);
+* ``"sa_softmax_plain"``: ``x * softmax(x)`` (``normalize=False``);
+* :func:`register_variant` adds more (e.g. ``detach_range=True`` or a fixed backend).
+
+Each name is registered together with transformers' SDPA mask builder, so the attention function receives a bool
+mask ``(B, 1, Tq, Tk)`` (True = attend) carrying padding, causality and sliding windows, or ``None`` when the mask is
+purely causal (then causality is applied here). Without that builder a custom name would receive no mask at all.
+
+Swapping the normalizer of a softmax-pretrained checkpoint changes what the model computes; see
+``docs/integrations.md`` for the fine-tuning path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..attention import sa_attention, sa_attention_with_weights
+
+__all__ = [
+    "NORMALIZED",
+    "PLAIN",
+    "register",
+    "register_variant",
+    "registered_names",
+    "convert_model",
+    "sa_softmax_attention_forward",
+    "sa_softmax_plain_attention_forward",
+]
+
+NORMALIZED = "sa_softmax"
+PLAIN = "sa_softmax_plain"
+
+_INSTALL_HINT = "pip install 'sasoftmax[hf]'"
+# Names transformers already uses; a variant must not shadow them.
+_RESERVED = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4"}
+_registered: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {}
+
+
+def _import_transformers() -> tuple[Any, Any, Callable[..., Any]]:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError as err:
+        raise ImportError(
+            f"sasoftmax.integrations.hf needs `transformers` (>= 4.53) with AttentionInterface and "
+            f"AttentionMaskInterface: {_INSTALL_HINT} ({err})"
+        ) from err
+    # The exact builder `sdpa` itself uses (older releases picked one of two by torch version).
+    return AttentionInterface, AttentionMaskInterface, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def _weights_requested(kwargs: dict[str, Any]) -> bool:
+    """Whether the caller wants attention weights back.
+
+    transformers 5.x collects ``output_attentions`` with forward hooks on the attention modules: Llama-style modules
+    forward ``output_attentions`` in ``kwargs``, GPT-2 consumes it, but in every case the active output collector
+    holds an ``"attentions"`` entry while weights are being collected."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older transformers: output_attentions always travels in kwargs
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
+def derive_scaling(module: torch.nn.Module, query: Tensor) -> float:
+    """Score scale for a caller that passed ``scaling=None``.
+
+    ``module.scaling`` when the module defines one; otherwise GPT-2's options (on the module or its config):
+    ``1/sqrt(head_dim)`` if ``scale_attn_weights`` (default True) else 1, divided by ``layer_idx + 1`` if
+    ``scale_attn_by_inverse_layer_idx``."""
+    s = getattr(module, "scaling", None)
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        return float(s)
+    config = getattr(module, "config", None)
+
+    def option(name: str, default: Any) -> Any:
+        if hasattr(module, name):
+            return getattr(module, name)
+        return getattr(config, name, default) if config is not None else default
+
+    scale = 1.0 / math.sqrt(query.shape[-1]) if option("scale_attn_weights", True) else 1.0
+    if option("scale_attn_by_inverse_layer_idx", False):
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is None:
+            raise ValueError(
+                f"{type(module).__name__}: scale_attn_by_inverse_layer_idx is set but the module has no `layer_idx`"
+            )
+        scale /= float(layer_idx + 1)
+    return scale
+
+
+def _sa_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    *,
+    normalize: bool,
+    detach_range: bool,
+    eps: float,
+    backend: str,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    if kwargs.get("softcap") is not None:
+        raise ValueError("SA-Softmax attention does not support `softcap` (logit soft-capping); use `eager`")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise ValueError("SA-Softmax attention does not support attention sinks (`s_aux`); use `eager`")
+    if scaling is None:
+        scaling = derive_scaling(module, query)
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    position_bias = kwargs.get("position_bias")
+
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):
+        # SDPA is on autocast's lower-precision list; do what it does. (Llama-style RoPE under autocast hands over
+        # float32 q/k with a bfloat16 v.)
+        dt = torch.get_autocast_dtype(dev)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
+
+    tq, tk = query.shape[2], key.shape[2]
+    causal = False
+    if attention_mask is None:
+        if is_causal and tq > 1:
+            causal = True
+            if tk > tq:
+                # transformers' SDPA mask builder leaves out a causal mask with more keys than queries only when the
+                # queries start at position 0 (prefill into an empty static cache): the keys past `tq` are unwritten
+                # slots. Keep the first `tq` keys, exactly as transformers' sdpa integration does.
+                key, value = key[:, :, :tq], value[:, :, :tq]
+                if position_bias is not None:
+                    position_bias = position_bias[..., :tq]
+    elif attention_mask.shape[-1] > tk:  # builders may size the mask for a longer (static) cache
+        attention_mask = attention_mask[..., :tk]
+
+    options = dict(
+        is_causal=causal, scale=scaling, bias=position_bias, normalize=normalize, detach_range=detach_range,
+        dropout_p=float(dropout), eps=eps,
+    )
+    if _weights_requested(kwargs):
+        out, weights = sa_attention_with_weights(query, key, value, attention_mask, **options)
+    else:
+        out, weights = sa_attention(query, key, value, attention_mask, backend=backend, **options), None
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def _make_forward(
+    name: str, *, normalize: bool, detach_range: bool, eps: float, backend: str
+) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    def forward(
+        module: torch.nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        return _sa_forward(
+            module, query, key, value, attention_mask, dropout, scaling,
+            normalize=normalize, detach_range=detach_range, eps=eps, backend=backend, **kwargs,
+        )
+
+    forward.__name__ = forward.__qualname__ = f"{name}_attention_forward"
+    forward.__doc__ = (
+        f"transformers attention function `{name}` (normalize={normalize}, detach_range={detach_range}, "
+        f"eps={eps}, backend={backend!r}).\n\n"
+        "query ``(B, Hq, Tq, D)``, key/value ``(B, Hkv, Tk, D)`` (grouped-query heads not repeated), attention_mask "
+        "bool ``(B, 1, Tq, Tk)`` (True = attend), an additive float mask (``finfo.min`` = masked) or None (purely "
+        "causal when ``module.is_causal`` and Tq > 1). Returns ``(output (B, Tq, Hq, D), weights (B, Hq, Tq, Tk) "
+        "or None)``; weights only when attention outputs are requested."
+    )
+    return forward
+
+
+_DEFAULTS: dict[str, Any] = dict(detach_range=False, eps=1e-10, backend="auto")
+sa_softmax_attention_forward = _make_forward(NORMALIZED, normalize=True, **_DEFAULTS)
+sa_softmax_plain_attention_forward = _make_forward(PLAIN, normalize=False, **_DEFAULTS)
+
+
+def _install(name: str, fn: Callable[..., tuple[Tensor, Tensor | None]]) -> None:
+    attention_interface, mask_interface, sdpa_mask = _import_transformers()
+    attention_interface.register(name, fn)
+    mask_interface.register(name, sdpa_mask)
+    _registered[name] = fn
+
+
+def register() -> None:
+    """Register ``"sa_softmax"`` and ``"sa_softmax_plain"`` with transformers (attention function and mask builder).
+
+    Idempotent. Raises ``ImportError`` with the install hint when transformers is missing."""
+    _install(NORMALIZED, sa_softmax_attention_forward)
+    _install(PLAIN, sa_softmax_plain_attention_forward)
+
+
+def register_variant(
+    name: str,
+    *,
+    normalize: bool = True,
+    detach_range: bool = False,
+    eps: float = 1e-10,
+    backend: str = "auto",
+) -> str:
+    """Register one more SA attention implementation under ``name`` (e.g. ``"sa_softmax_detached"`` with
+    ``detach_range=True``, or a fixed ``backend``). Returns ``name``. Re-registering a name replaces it."""
+    if not isinstance(name, str) or not name or "/" in name or "|" in name or ":" in name:
+        raise ValueError(f"`name` must be a non-empty string without '/', '|' or ':' , got {name!r}")
+    if name in _RESERVED:
+        raise ValueError(f"`name`={name!r} is a built-in transformers attention implementation; choose another")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"`eps` must be a number >= 0, got {eps!r}")
+    from ..attention import available_backends
+
+    if backend not in available_backends():
+        raise ValueError(f"unknown `backend`={backend!r}; expected one of {available_backends()}")
+    _install(name, _make_forward(name, normalize=bool(normalize), detach_range=bool(detach_range), eps=float(eps),
+                                 backend=backend))
+    return name
+
+
+def registered_names() -> list[str]:
+    """Names registered by this module in this process."""
+    return list(_registered)
+
+
+def convert_model(model: Any, normalizer: str = NORMALIZED) -> Any:
+    """Register (if needed) and switch ``model`` (a ``transformers.PreTrainedModel``) to ``normalizer`` in place
+    via ``model.set_attn_implementation``; returns the model.
+
+    This changes what a softmax-pretrained model computes: fine-tune it afterwards (see docs/integrations.md)."""
+    register()
+    if normalizer not in _registered:
+        raise ValueError(
+            f"`normalizer`={normalizer!r} is not an SA attention implementation; expected one of {registered_names()} "
+            "(add more with register_variant)"
+        )
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
+    model.set_attn_implementation(normalizer)
+    return model
