@@ -82,7 +82,7 @@ def _kv3(t: Tensor, tl: Tile) -> Tensor:
 
 
 def _acc3(t: Tensor, tl: Tile) -> Tensor:
-    """A 3-d *view* of a contiguous key/value-shaped accumulator (tiles never split it non-contiguously)."""
+    """A 3-d *view* of a contiguous per-key/value-head accumulator (tiles never split it non-contiguously)."""
     x = t[tl.bs, tl.ks]
     return x.view(-1, x.shape[-2], x.shape[-1])
 
@@ -319,8 +319,9 @@ class _ChunkedSA(torch.autograd.Function):
         g_all = grad_out.to(cdt)
         delta_all = (g_all * out.to(cdt)).sum(dim=-1, keepdim=True)  # Delta = g . o per row
         dq = torch.empty_like(qc, memory_format=torch.contiguous_format) if need_q else None
-        dk = torch.zeros_like(kc, memory_format=torch.contiguous_format) if need_k else None
-        dv = torch.zeros_like(vc, memory_format=torch.contiguous_format) if need_v else None
+        # dk and dv accumulate transposed, (B, Hkv, D, Nk): the products then read the tile in its natural layout
+        dkT = kc.new_zeros(kc.shape[0], kc.shape[1], kc.shape[3], kc.shape[2]) if need_k else None
+        dvT = vc.new_zeros(vc.shape[0], vc.shape[1], vc.shape[3], vc.shape[2]) if need_v else None
         dbias = torch.zeros(bias.shape, dtype=cdt, device=q.device) if need_bias else None
         bwd_math = _math(inp)[1]
         for tl in ctx.tiles:
@@ -344,19 +345,19 @@ class _ChunkedSA(torch.autograd.Function):
             if need_v:
                 if keep is not None:
                     w.mul_(keep)
-                _acc3(dv, tl).baddbmm_(_mm_in(w, G).transpose(1, 2), g3)
+                _acc3(dvT, tl).baddbmm_(g3.transpose(1, 2), _mm_in(w, G))
             ds3 = _mm_in(ds, G)
             if need_q:
                 dq[rows] = _mm_out(torch.bmm(ds3, _kv3(kc, tl)), sc.b, sc.h).mul_(inp.scale)
             if need_k:
                 q3 = sc.q3 if sc.q3.dtype == cdt else _mm_in(qc[rows], G)
-                _acc3(dk, tl).baddbmm_(ds3.transpose(1, 2), q3, alpha=inp.scale)
+                _acc3(dkT, tl).baddbmm_(q3.transpose(1, 2), ds3, alpha=inp.scale)
             if need_bias:
                 _accumulate_bias_grad(dbias, ds, tl)
         return (
             None if dq is None else dq.to(q.dtype),
-            None if dk is None else dk.to(k.dtype),
-            None if dv is None else dv.to(v.dtype),
+            None if dkT is None else dkT.transpose(-1, -2).to(k.dtype, memory_format=torch.contiguous_format),
+            None if dvT is None else dvT.transpose(-1, -2).to(v.dtype, memory_format=torch.contiguous_format),
             None if dbias is None else dbias.to(bias.dtype),
             None,
             None,

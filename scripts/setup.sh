@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create ./.venv (if needed) and install the pinned requirements plus this package (editable).
+# Usage: bash scripts/setup.sh [main|test]   (default: test, which includes everything main needs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+which="${1:-test}"
+req="requirements/${which}.txt"
+[ -f "$req" ] || { echo "setup.sh: unknown requirement set '$which' (expected main or test)" >&2; exit 2; }
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+fi
+# Re-install only when the requirement files or pyproject changed since the last successful setup.
+stamp=".venv/.sasoftmax-setup-$which"
+digest=$(cat requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+  .venv/bin/python -m pip install --quiet -r "$req"
+  .venv/bin/python -m pip install --quiet --no-deps -e .
+  echo "$digest" > "$stamp"
+fi

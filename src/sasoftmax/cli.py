@@ -1,0 +1,109 @@
+"""Command line: ``sasoftmax train | eval | compare | grad-demo`` (also ``python -m sasoftmax``).
+
+* ``sasoftmax train --config configs/tiny_sa.toml --set lr=1e-3 --set model.normalizer=softmax [--resume]``
+  (under ``torchrun --nproc_per_node=K`` it trains with DDP, or FSDP2 with ``--set fsdp=true``)
+* ``sasoftmax eval --ckpt runs/tiny_sa [--lengths 128,256,512] [--tokens 16384] [--out file.json]``
+* ``sasoftmax compare [--data PATH] [--out runs/compare] [--set max_steps=100]``: the main job (softmax vs
+  SA-Softmax, tiny models, CPU friendly); ``scripts/main_job.py`` runs the same.
+* ``sasoftmax grad-demo``: gradient norms of a saturated attention row, softmax vs SA-Softmax.
+
+Configuration errors exit with status 2 and a one-line message naming the bad key or value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sasoftmax", description="Self-Adjust Softmax: training and evaluation tools")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a GPT (single process, or DDP/FSDP2 under torchrun)")
+    t.add_argument("--config", help="TOML (Python >= 3.11, or with tomli) or JSON config file")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. lr=1e-3, model.normalizer=softmax, data.source=PATH")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest loadable checkpoint in out_dir (falls back past corrupt ones)")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    e = sub.add_parser("eval", help="perplexity of a checkpoint at several lengths")
+    e.add_argument("--ckpt", required=True, help="checkpoint file or run directory (newest loadable checkpoint)")
+    e.add_argument("--lengths", help="comma-separated lengths (default: training length x1,x2,x4,x8,x16)")
+    e.add_argument("--tokens", type=int, default=16384, help="tokens scored per length (default 16384)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--backend", default="auto", help="sa_attention backend for SA models (default auto)")
+    e.add_argument("--out", help="JSON output path (default: <ckpt dir>/eval_step<N>.json)")
+
+    c = sub.add_parser("compare", help="main job: tiny softmax vs SA-Softmax, train + evaluate at 1x..8x length")
+    c.add_argument("--data", default="stdlib", help="data source (default: the Python stdlib sources)")
+    c.add_argument("--out", default="runs/compare", help="output directory")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the training config of both runs, e.g. max_steps=100")
+    c.add_argument("--tokens", type=int, default=16384, help="tokens scored per evaluation length")
+    c.add_argument("--budget", type=float, default=540.0,
+                   help="wall-clock budget in seconds for the whole job (default 540), checked between training "
+                        "slices: when the next slice would not fit, both models stop at the same step; 0 = no limit")
+    c.add_argument("--chunks", type=int, default=10, help="training slices (models alternate between slices)")
+
+    sub.add_parser("grad-demo", help="gradient norm of a saturated row: softmax vs SA-Softmax")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    from .checkpoint import CheckpointError
+    from .train import ConfigError
+
+    try:
+        if args.command == "train":
+            from .train import load_config, train
+
+            cfg = load_config(args.config, args.overrides)
+            summary = train(cfg, resume=args.resume, quiet=args.quiet)
+            if summary.get("world_size", 1) == 1 or _rank() == 0:
+                print(json.dumps(summary))
+        elif args.command == "eval":
+            from .evaluate import evaluate_checkpoint, format_table
+
+            res = evaluate_checkpoint(args.ckpt, args.lengths, tokens_per_length=args.tokens,
+                                      batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                                      backend=args.backend, out=args.out)
+            print(f"{res['checkpoint']} (step {res['step']}, {res['normalizer']}, {res['positional']}, "
+                  f"trained at length {res['train_length']})")
+            rows = [[r["length"], f"{r['length'] / res['train_length']:g}x", r["windows"], r["tokens"], r["loss"],
+                     r["ppl"]] for r in res["results"]]
+            print(format_table(["length", "x train", "windows", "tokens", "loss", "ppl"], rows))
+            print(f"saved {res['saved_to']}")
+        elif args.command == "compare":
+            from .evaluate import run_comparison
+
+            run_comparison(args.out, data_source=args.data, overrides=args.overrides, tokens_per_length=args.tokens,
+                           budget_s=args.budget, chunks=args.chunks)
+        elif args.command == "grad-demo":
+            from .evaluate import format_gradient_demo, gradient_demo
+
+            print(format_gradient_demo(gradient_demo()))
+    except (ConfigError, CheckpointError, ValueError) as err:
+        print(f"sasoftmax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
