@@ -45,6 +45,18 @@ def naive_eager_sa(q, k, v, causal: bool):
     return torch.matmul(weights, v)
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -116,7 +128,7 @@ def main() -> None:
     import torch
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, " \
+    machine = f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, " \
               f"{torch.get_num_threads()} threads"
     header = (f"CPU attention forward+backward, fp32, B={args.batch}, H={args.heads}, D={args.head_dim}, "
               f"{'causal' if args.causal else 'not causal'} — {when}, {machine}")

@@ -1,4 +1,4 @@
-"""The memory-efficient backend: tiles of whole key rows, with the analytic backward of ``design/math.md``.
+"""The memory-efficient backend: tiles of whole key rows, with the analytic backward of ``docs/contract.md``.
 
 The score matrix is processed in tiles of ``(batch range, key/value-head range, query rows) x all keys``. Each
 tile sees whole rows, so softmax, min and max are exact per tile. The forward keeps only per-row statistics (for
@@ -15,8 +15,7 @@ Gradients (per row, ``g = dL/do``, ``dP_j = g . v_j`` (times the dropout scale),
 
 from __future__ import annotations
 
-import os
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,30 +23,32 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .dropout import draw_seed, keep_mask
-from .inputs import AttentionInputs
+from .inputs import AttentionInputs, causal_block, tile
 
 # Scores per tile (elements): a few of these float32 tiles stay in a CPU's L2/L3 cache, so the element-wise passes
 # between the matrix products run from cache.
 DEFAULT_TILE_ELEMENTS = 1 << 18
 # Fewest query rows per tile (when the rows are long): keeps the matrix products efficient.
-MIN_TILE_ROWS = 64
-# With SASOFTMAX_COMPILE=auto (default), calls with at least this many scores run the tile math compiled.
-COMPILE_MIN_SCORES = 1 << 24
+MIN_TILE_ROWS = 128
 
 
 @dataclass(frozen=True)
 class Tile:
-    """Batch range ``bs``, query-head range ``hs`` (whole key/value-head groups ``ks``), query rows ``[i0, i1)``."""
+    """Batch range ``bs``, query-head range ``hs`` (whole key/value-head groups ``ks``), query rows ``[i0, i1)``,
+    keys ``[0, j1)`` (with a causal mask, later keys are invisible to every row of the tile and are skipped)."""
 
     bs: slice
     hs: slice
     ks: slice
     i0: int
     i1: int
+    j1: int
 
 
-def plan_tiles(inp: AttentionInputs, tile_elements: int = DEFAULT_TILE_ELEMENTS, rows: int | None = None) -> list[Tile]:
-    """Cover ``(B, Hq, Nq)`` with tiles of about ``tile_elements`` scores (or exactly ``rows`` query rows)."""
+def plan_tiles(inp: AttentionInputs, tile_elements: int | None = None, rows: int | None = None) -> list[Tile]:
+    """Cover ``(B, Hq, Nq)`` with tiles of about ``tile_elements`` scores (default ``DEFAULT_TILE_ELEMENTS``), or
+    of exactly ``rows`` query rows."""
+    tile_elements = DEFAULT_TILE_ELEMENTS if tile_elements is None else tile_elements
     B, Hq, Hkv, Nq, Nk, G = inp.batch, inp.heads, inp.kv_heads, inp.nq, inp.nk, inp.groups
     nk = max(Nk, 1)
     if rows is None:
@@ -61,7 +62,8 @@ def plan_tiles(inp: AttentionInputs, tile_elements: int = DEFAULT_TILE_ELEMENTS,
         for k0 in range(0, Hkv, kv_per_tile):
             k1 = min(Hkv, k0 + kv_per_tile)
             for i0 in range(0, Nq, rows):
-                out.append(Tile(bs, slice(k0 * G, k1 * G), slice(k0, k1), i0, min(Nq, i0 + rows)))
+                i1 = min(Nq, i0 + rows)
+                out.append(Tile(bs, slice(k0 * G, k1 * G), slice(k0, k1), i0, i1, inp.causal_key_end(i1)))
     return out
 
 
@@ -77,14 +79,27 @@ def _mm_out(t: Tensor, b: int, h: int) -> Tensor:
 
 
 def _kv3(t: Tensor, tl: Tile) -> Tensor:
-    x = t[tl.bs, tl.ks]
+    """The tile's keys/values ``(B, Hkv, Nk, D) -> (b * hkv, j1, D)``."""
+    x = t[tl.bs, tl.ks, : tl.j1]
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
 def _acc3(t: Tensor, tl: Tile) -> Tensor:
-    """A 3-d *view* of a contiguous per-key/value-head accumulator (tiles never split it non-contiguously)."""
-    x = t[tl.bs, tl.ks]
+    """A 3-d *view* ``(b * hkv, D, j1)`` of a transposed accumulator ``(B, Hkv, D, Nk)`` (tiles never split it in a
+    way a view cannot express), for in-place accumulation."""
+    x = t[tl.bs, tl.ks, :, : tl.j1]
     return x.view(-1, x.shape[-2], x.shape[-1])
+
+
+_NOTHING: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _nothing(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The ignored ``input`` of ``baddbmm(beta=0)`` (broadcast, never read), cached per dtype and device."""
+    key = (dtype, device)
+    if key not in _NOTHING:
+        _NOTHING[key] = torch.zeros(1, 1, 1, dtype=dtype, device=device)
+    return _NOTHING[key]
 
 
 class _Scores:
@@ -97,84 +112,88 @@ class _Scores:
         self.q3 = _mm_in(qt, inp.groups)  # (b*hkv, G*rows, D)
         kT = _kv3(inp.k, tl).transpose(1, 2)
         if q.dtype == cdt:  # float32/64: the scale rides on the product
-            s = _mm_out(torch.baddbmm(_NOTHING.to(cdt), self.q3, kT, beta=0.0, alpha=inp.scale), self.b, self.h)
+            s = _mm_out(torch.baddbmm(_nothing(cdt, q.device), self.q3, kT, beta=0.0, alpha=inp.scale), self.b, self.h)
         else:  # half inputs: product in the input dtype, row math in float32 (like the reference)
             s = _mm_out(torch.bmm(self.q3, kT), self.b, self.h).to(cdt).mul_(inp.scale)
-        add = inp.additive(tl.i0, tl.i1, cdt, tl.bs, tl.hs)
+        add = inp.additive(tl.i0, tl.i1, cdt, tl.bs, tl.hs, tl.j1)
         if add is not None:
             s.add_(add)
         if bias is not None:
             s.add_(_tile(bias, tl))
-        self.vis = inp.visible(tl.i0, tl.i1, tl.bs, tl.hs)
+        # Masked entries, as a bool `hidden` over the columns `cols` of the tile (everything left of `cols` is
+        # visible to every row). A causal-only mask touches just the tile's diagonal block.
+        self.cols = slice(0, tl.j1)
+        if inp.keep is None and inp.is_causal:
+            self.cols = slice(min(max(0, tl.i0 + inp.nk - inp.nq + 1), tl.j1), tl.j1)
+            vis = None  # e.g. a decoding step: every key of the tile is visible
+            if self.cols.start < tl.j1:
+                vis = causal_block(tl.i0, tl.i1, inp.nq, inp.nk, q.device, tl.j1)[:, self.cols]
+        else:
+            vis = inp.visible(tl.i0, tl.i1, tl.bs, tl.hs, tl.j1)
+        self.masked = vis is not None
         self.empty = None  # rows with no visible key (their softmax would be NaN)
-        if self.vis is not None:
-            s.masked_fill_(~self.vis, float("-inf"))
-            if inp.may_have_empty_rows():
-                self.empty = ~self.vis.any(dim=-1, keepdim=True)
+        if vis is not None:
+            # -inf by adding a small broadcast 0/-inf tensor: much faster on CPU than masked_fill_ with a broadcast
+            # mask. Scores are otherwise finite (bias and float-mask values are checked), so -inf <=> masked.
+            neg = torch.zeros(vis.shape, dtype=cdt, device=q.device).masked_fill_(~vis, float("-inf"))
+            s[..., self.cols].add_(neg)
+            if inp.may_have_empty_rows() and self.cols.start == 0:  # (a row with a visible key left of cols is not)
+                self.empty = ~vis.any(dim=-1, keepdim=True)
         self.s = s
 
-    def softmax(self) -> Tensor:
-        p = torch.softmax(self.s, dim=-1)
-        if self.empty is not None:  # rows with no visible key: 0, not NaN
-            p.masked_fill_(self.empty, 0.0)
-        return p
-
     def zero_masked(self) -> Tensor:
-        """Masked scores -> 0 (in place), so that they can be multiplied safely."""
-        if self.vis is not None:
-            self.s.masked_fill_(~self.vis, 0.0)
+        """Masked scores (-inf) -> 0 (in place), so that they can be multiplied safely; NaN/+inf stay as they are."""
+        if self.masked:
+            torch.nan_to_num_(self.s[..., self.cols], nan=float("nan"), posinf=float("inf"), neginf=0.0)
         return self.s
 
 
 def _tile(t: Tensor, tl: Tile) -> Tensor:
-    from .inputs import tile
-
-    return tile(t, tl.i0, tl.i1, tl.bs, tl.hs)
+    return tile(t, tl.i0, tl.i1, tl.bs, tl.hs, tl.j1)
 
 
 def _dropout_keep(inp: AttentionInputs, seed: int, tl: Tile, device: torch.device) -> Tensor:
-    return keep_mask(seed, inp.dropout_p, inp.batch, inp.heads, inp.nq, inp.nk, tl.i0, tl.i1, device, tl.bs, tl.hs)
+    return keep_mask(
+        seed, inp.dropout_p, inp.batch, inp.heads, inp.nq, inp.nk, tl.i0, tl.i1, device, tl.bs, tl.hs, tl.j1
+    )
 
 
-def _fwd_eager(s: Tensor, vis: Tensor | None, empty: Tensor | None, norm: bool, want_idx: bool, eps: float):
-    """Row math of one forward tile, in place on the tile's scores ``s`` (masked entries -inf).
+def _forward_rows(sc: _Scores, norm: bool, want_idx: bool, eps: float):
+    """Row math of one forward tile, in place on the tile's scores ``sc.s`` (masked entries -inf).
 
     Returns ``(w, r, a, b, imin, imax)``: unnormalized weights ``w`` (``s p`` or ``(s - a) p``), the per-row
     factor ``r`` the output still needs (``c`` or None), the clipped range and its arg-min/arg-max keys."""
+    s = sc.s
     p = torch.softmax(s, dim=-1)
-    if empty is not None:  # rows with no visible key: 0, not NaN
-        p.masked_fill_(empty, 0.0)
+    if sc.empty is not None:  # rows with no visible key: 0, not NaN
+        p.masked_fill_(sc.empty, 0.0)
     a = b = r = imin = imax = None
     if norm:
         if want_idx:
             mx, imax = s.max(dim=-1, keepdim=True)
-        elif vis is None:
-            mn, mx = torch.aminmax(s, dim=-1, keepdim=True)
-        else:
+        else:  # (two passes of amax/amin beat one of aminmax on CPU)
             mx = s.amax(dim=-1, keepdim=True)
-    if vis is not None:
-        s.masked_fill_(~vis, 0.0)  # never multiply -inf by 0
+    sc.zero_masked()  # never multiply -inf by 0
     if not norm:
         return s.mul_(p), r, a, b, imin, imax
     if want_idx:
         mn, imin = s.min(dim=-1, keepdim=True)
-    elif vis is not None:
+    else:
         mn = s.amin(dim=-1, keepdim=True)
     a, b = mn.clamp(max=0.0), mx.clamp(min=0.0)
     r = 1.0 / (b - a + eps)
     return s.sub_(a).mul_(p), r, a, b, imin, imax
 
 
-def _bwd_eager(s, vis, empty, dP, delta, a, b, norm: bool, range_grad: bool, need_w: bool, eps: float):
-    """Row math of one backward tile (``s`` recomputed, masked entries -inf; ``dP`` already dropout-scaled).
+def _backward_rows(sc: _Scores, dP, delta, a, b, norm: bool, range_grad: bool, need_w: bool, eps: float):
+    """Row math of one backward tile (``sc.s`` recomputed, masked entries -inf; ``dP`` already dropout-scaled).
 
     Returns ``(ds, w, delta0, c)``: the score gradient without the range terms, the applied weights (for dv),
     ``Delta0 = sum_j p_j dP_j`` (range gradient only) and ``c``."""
-    p = torch.softmax(s, dim=-1)
-    if empty is not None:
-        p.masked_fill_(empty, 0.0)
-    if vis is not None:
-        s.masked_fill_(~vis, 0.0)
+    p = torch.softmax(sc.s, dim=-1)
+    if sc.empty is not None:
+        p.masked_fill_(sc.empty, 0.0)
+    s = sc.zero_masked()
     delta0 = c = None
     if norm:
         c = 1.0 / (b - a + eps)
@@ -191,72 +210,59 @@ def _bwd_eager(s, vis, empty, dP, delta, a, b, norm: bool, range_grad: bool, nee
     return ds, w, delta0, c
 
 
-def _fwd_functional(s: Tensor, vis: Tensor | None, empty: Tensor | None, norm: bool, want_idx: bool, eps: float):
-    """Out-of-place twin of :func:`_fwd_eager`, written for ``torch.compile`` to fuse into a few loops."""
-    p = torch.softmax(s, dim=-1)
-    if empty is not None:
-        p = p.masked_fill(empty, 0.0)
-    sz = s if vis is None else s.masked_fill(~vis, 0.0)
-    if not norm:
-        return sz * p, None, None, None, None, None
-    if want_idx:
-        mx, imax = s.max(dim=-1, keepdim=True)
-        mn, imin = sz.min(dim=-1, keepdim=True)
-    else:
-        mx, mn, imin, imax = s.amax(dim=-1, keepdim=True), sz.amin(dim=-1, keepdim=True), None, None
-    a, b = mn.clamp(max=0.0), mx.clamp(min=0.0)
-    return (sz - a) * p, 1.0 / (b - a + eps), a, b, imin, imax
+# Tiles run on several threads (each op single-threaded) when a CPU call is at least this big: small element-wise
+# ops split over OpenMP threads scale poorly, independent tiles scale well.
+PARALLEL_MIN_SCORES = 1 << 22
+_EXECUTOR: ThreadPoolExecutor | None = None
 
 
-def _bwd_functional(s, vis, empty, dP, delta, a, b, norm: bool, range_grad: bool, need_w: bool, eps: float):
-    """Out-of-place twin of :func:`_bwd_eager`, written for ``torch.compile``."""
-    p = torch.softmax(s, dim=-1)
-    if empty is not None:
-        p = p.masked_fill(empty, 0.0)
-    sz = s if vis is None else s.masked_fill(~vis, 0.0)
-    if not norm:
-        w = sz * p
-        delta = (w * dP).sum(dim=-1, keepdim=True)
-        return p * (dP + (sz * dP - delta)), w, None, None
-    c = 1.0 / (b - a + eps)
-    delta0 = (p * dP).sum(dim=-1, keepdim=True) if range_grad else None
-    w = (sz - a) * c * p if need_w else None
-    return p * (c * (1.0 + sz - a) * dP - delta), w, delta0, c
+def _workers(tiles: list[Tile], inp: AttentionInputs) -> int:
+    """How many threads process the tiles of this call (1 = in the caller's thread, ops use torch's threads)."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or inp.q.device.type != "cpu" or len(tiles) < 2:
+        return 1
+    if inp.batch * inp.heads * inp.nq * inp.nk < PARALLEL_MIN_SCORES:
+        return 1
+    groups = len({(tl.bs.start, tl.ks.start) for tl in tiles})
+    return max(1, min(threads, groups))
 
 
-_COMPILED: tuple | None = None
-_COMPILE_BROKEN = False
-_NOTHING = torch.zeros(1, 1, 1)  # the ignored `input` of baddbmm(beta=0)
+def _for_each_tile(fn, tiles: list[Tile], inp: AttentionInputs, workers: int | None = None) -> None:
+    """Run ``fn(tile, worker)`` over all tiles. With several workers, tiles that share a (batch, key/value-head)
+    range go to the same worker, so the dk/dv accumulators of one head are only ever written by one thread.
+    While the workers run, torch's intra-op thread count is 1 (process-wide) and is restored afterwards."""
+    global _EXECUTOR
+    workers = _workers(tiles, inp) if workers is None else workers
+    if workers <= 1:
+        for tl in tiles:
+            fn(tl, 0)
+        return
+    fn(tiles[0], 0)  # first tile in the caller's thread: any one-off work (e.g. compiling) happens once, here
+    groups: dict[tuple, list[Tile]] = {}
+    for tl in tiles[1:]:
+        groups.setdefault((tl.bs.start, tl.ks.start), []).append(tl)
+    lanes: list[list[Tile]] = [[] for _ in range(workers)]
+    first_group = (tiles[0].bs.start, tiles[0].ks.start)
+    if first_group in groups:  # the rest of tile 0's group stays on worker 0
+        lanes[0].extend(groups.pop(first_group))
+    for group in groups.values():
+        min(lanes, key=len).extend(group)
+    grad_enabled = torch.is_grad_enabled()
 
+    def lane(i: int) -> None:
+        with torch.set_grad_enabled(grad_enabled):
+            for tl in lanes[i]:
+                fn(tl, i)
 
-def _compile_wanted(inp: AttentionInputs) -> bool:
-    """Whether this call's tile math runs through ``torch.compile``; see ``SASOFTMAX_COMPILE`` in the docs."""
-    mode = os.environ.get("SASOFTMAX_COMPILE", "auto").lower()
-    if mode in ("0", "never", "false", "off") or _COMPILE_BROKEN:
-        return False
-    if mode in ("1", "always", "true", "on"):
-        return True
-    if mode != "auto":
-        raise ValueError(f"SASOFTMAX_COMPILE must be auto, 1/always or 0/never, got {mode!r}")
-    # auto: only when one call has enough scores for the one-off compile to pay for itself, and off CUDA
-    # (on CUDA the Triton kernel is the fast path).
-    work = inp.batch * inp.heads * inp.nq * inp.nk
-    return work >= COMPILE_MIN_SCORES and not inp.q.is_cuda
-
-
-def _math(inp: AttentionInputs):
-    """``(forward row math, backward row math)``: compiled when wanted and working, else the eager versions."""
-    global _COMPILED, _COMPILE_BROKEN
-    if not _compile_wanted(inp):
-        return _fwd_eager, _bwd_eager
-    if _COMPILED is None:
-        try:
-            _COMPILED = (torch.compile(_fwd_functional, dynamic=True), torch.compile(_bwd_functional, dynamic=True))
-        except Exception as err:  # pragma: no cover - depends on the platform's compiler
-            _COMPILE_BROKEN = True
-            warnings.warn(f"sasoftmax: torch.compile unavailable ({err}); using eager tile math", stacklevel=3)
-            return _fwd_eager, _bwd_eager
-    return _COMPILED
+    if _EXECUTOR is None or _EXECUTOR._max_workers < workers:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sasoftmax-tile")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for f in [_EXECUTOR.submit(lane, i) for i in range(workers)]:
+            f.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _forward_tiles(inp: AttentionInputs, tiles: list[Tile], seed: int | None, with_stats: bool):
@@ -272,11 +278,11 @@ def _forward_tiles(inp: AttentionInputs, tiles: list[Tile], seed: int | None, wi
     stat = lambda dt=cdt: torch.empty(B, Hq, Nq, 1, dtype=dt, device=q.device)  # noqa: E731
     a_all, b_all = (stat(), stat()) if keep_stats else (None, None)
     i_min, i_max = (stat(torch.long), stat(torch.long)) if want_idx else (None, None)
-    fwd_math = _math(inp)[0]
-    for tl in tiles:
+
+    def one(tl: Tile, worker: int) -> None:
         sc = _Scores(inp, q, bias, tl)
         rows = (tl.bs, tl.hs, slice(tl.i0, tl.i1))
-        w, r, a, b, imin, imax = fwd_math(sc.s, sc.vis, sc.empty, norm, want_idx, inp.eps)
+        w, r, a, b, imin, imax = _forward_rows(sc, norm, want_idx, inp.eps)
         if keep_stats:
             a_all[rows], b_all[rows] = a, b
         if want_idx:
@@ -294,6 +300,8 @@ def _forward_tiles(inp: AttentionInputs, tiles: list[Tile], seed: int | None, wi
                 w.mul_(r)
             o = _mm_out(torch.bmm(_mm_in(w.to(v.dtype), G), v3), sc.b, sc.h)
         out[rows] = o
+
+    _for_each_tile(one, tiles, inp)
     return out, (a_all, b_all, i_min, i_max)
 
 
@@ -323,8 +331,11 @@ class _ChunkedSA(torch.autograd.Function):
         dkT = kc.new_zeros(kc.shape[0], kc.shape[1], kc.shape[3], kc.shape[2]) if need_k else None
         dvT = vc.new_zeros(vc.shape[0], vc.shape[1], vc.shape[3], vc.shape[2]) if need_v else None
         dbias = torch.zeros(bias.shape, dtype=cdt, device=q.device) if need_bias else None
-        bwd_math = _math(inp)[1]
-        for tl in ctx.tiles:
+        workers = _workers(ctx.tiles, inp)
+        # a broadcast bias is shared between tiles of different workers: each worker sums into its own buffer
+        dbias_w = [dbias] + [torch.zeros_like(dbias) for _ in range(workers - 1)] if need_bias else None
+
+        def one(tl: Tile, worker: int) -> None:
             sc = _Scores(inp, q, bias, tl)
             rows = (tl.bs, tl.hs, slice(tl.i0, tl.i1))
             g = g_all[rows]
@@ -338,7 +349,7 @@ class _ChunkedSA(torch.autograd.Function):
             a = b = None
             if norm:
                 a, b = a_all[rows], b_all[rows]
-            ds, w, delta0, c = bwd_math(sc.s, sc.vis, sc.empty, dP, delta, a, b, norm, range_grad, need_v, inp.eps)
+            ds, w, delta0, c = _backward_rows(sc, dP, delta, a, b, norm, range_grad, need_v, inp.eps)
             if range_grad:
                 ds.scatter_add_(-1, i_min[rows], c * (delta - delta0) * (a < 0))
                 ds.scatter_add_(-1, i_max[rows], -c * delta * (b > 0))
@@ -353,7 +364,12 @@ class _ChunkedSA(torch.autograd.Function):
                 q3 = sc.q3 if sc.q3.dtype == cdt else _mm_in(qc[rows], G)
                 _acc3(dkT, tl).baddbmm_(q3.transpose(1, 2), ds3, alpha=inp.scale)
             if need_bias:
-                _accumulate_bias_grad(dbias, ds, tl)
+                _accumulate_bias_grad(dbias_w[worker], ds, tl)
+
+        _for_each_tile(one, ctx.tiles, inp, workers)
+        if need_bias:
+            for extra in dbias_w[1:]:
+                dbias += extra
         return (
             None if dq is None else dq.to(q.dtype),
             None if dkT is None else dkT.transpose(-1, -2).to(k.dtype, memory_format=torch.contiguous_format),

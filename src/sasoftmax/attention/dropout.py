@@ -37,14 +37,15 @@ def keep_mask(
     device: torch.device,
     bs: slice = slice(None),
     hs: slice = slice(None),
+    j1: int | None = None,
 ) -> Tensor:
     """Bool keep-mask ``(b, h, i1-i0, Nk)`` for query rows ``[i0, i1)`` (and batch/head ranges ``bs``/``hs``) of a
-    ``(B, H, Nq, Nk)`` score tensor; each entry is kept with probability ``1 - p``."""
+    ``(B, H, Nq, Nk)`` score tensor (keys ``[0, j1)``); each entry is kept with probability ``1 - p``."""
     b_idx = torch.arange(batch, device=device)[bs]
     h_idx = torch.arange(heads, device=device)[hs]
     bh = b_idx[:, None] * heads + h_idx[None, :]
     rows = torch.arange(i0, i1, device=device)
-    cols = torch.arange(nk, device=device)
+    cols = torch.arange(nk if j1 is None else j1, device=device)
     idx = (bh[:, :, None, None] * nq + rows[None, None, :, None]) * nk + cols[None, None, None, :]
     lo, hi = seed & _M32, (seed >> 32) & _M32
     h = _fmix32((idx & _M32) ^ lo)

@@ -83,12 +83,14 @@ class AttentionInputs:
     def has_mask(self) -> bool:
         return self.keep is not None or self.is_causal
 
-    def visible(self, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL) -> Tensor | None:
-        """Bool visibility of query rows ``[i0, i1)`` (batch range ``bs``, query-head range ``hs``): a tensor
-        broadcastable to ``(b, h, i1-i0, Nk)``, or None when every key is visible."""
-        vis = None if self.keep is None else tile(self.keep, i0, i1, bs, hs)
+    def visible(
+        self, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL, j1: int | None = None
+    ) -> Tensor | None:
+        """Bool visibility of query rows ``[i0, i1)`` against keys ``[0, j1)`` (default all), batch range ``bs`` and
+        query-head range ``hs``: a tensor broadcastable to ``(b, h, i1-i0, j1)``, or None when all are visible."""
+        vis = None if self.keep is None else tile(self.keep, i0, i1, bs, hs, j1)
         if self.is_causal:
-            causal = causal_block(i0, i1, self.nq, self.nk, self.q.device)
+            causal = causal_block(i0, i1, self.nq, self.nk, self.q.device, j1)
             vis = causal if vis is None else vis & causal
         return vis
 
@@ -96,25 +98,35 @@ class AttentionInputs:
         """False when every query row is guaranteed at least one visible key."""
         return self.keep is not None or (self.is_causal and self.nq > self.nk)
 
-    def additive(self, i0: int, i1: int, dtype: torch.dtype, bs: slice = _ALL, hs: slice = _ALL) -> Tensor | None:
+    def additive(
+        self, i0: int, i1: int, dtype: torch.dtype, bs: slice = _ALL, hs: slice = _ALL, j1: int | None = None
+    ) -> Tensor | None:
         """The no-gradient additive terms (float-mask values, ALiBi) of a tile, or None."""
-        add = None if self.mask_add is None else tile(self.mask_add, i0, i1, bs, hs).to(dtype)
+        add = None if self.mask_add is None else tile(self.mask_add, i0, i1, bs, hs, j1).to(dtype)
         if self.alibi_slopes is not None:
             slopes = tile2(self.alibi_slopes, bs, hs)
-            al = alibi_block(slopes, i0, i1, self.nq, self.nk, dtype)
+            al = alibi_block(slopes, i0, i1, self.nq, self.nk, dtype, j1)
             add = al if add is None else add + al
         return add
 
-    def bias_rows(self, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL) -> Tensor | None:
-        return None if self.bias is None else tile(self.bias, i0, i1, bs, hs)
+    def bias_rows(
+        self, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL, j1: int | None = None
+    ) -> Tensor | None:
+        return None if self.bias is None else tile(self.bias, i0, i1, bs, hs, j1)
+
+    def causal_key_end(self, i1: int) -> int:
+        """With ``is_causal``, rows ``< i1`` see no key at or after this index (at least 1 key is kept)."""
+        return self.nk if not self.is_causal else max(1, min(self.nk, i1 + self.nk - self.nq))
 
 
-def tile(t: Tensor, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL) -> Tensor:
-    """Slice a 4-d tensor broadcastable to ``(B, H, Nq, Nk)`` to a tile, leaving its size-1 (broadcast) dims alone."""
+def tile(t: Tensor, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL, j1: int | None = None) -> Tensor:
+    """Slice a 4-d tensor broadcastable to ``(B, H, Nq, Nk)`` to a tile (keys ``[0, j1)``), leaving its size-1
+    (broadcast) dims alone."""
     return t[
         bs if t.shape[0] != 1 else _ALL,
         hs if t.shape[1] != 1 else _ALL,
         slice(i0, i1) if t.shape[2] != 1 else _ALL,
+        slice(0, j1) if t.shape[3] != 1 else _ALL,
     ]
 
 
@@ -122,17 +134,19 @@ def tile2(t: Tensor, bs: slice, hs: slice) -> Tensor:
     return t[bs if t.shape[0] != 1 else _ALL, hs if t.shape[1] != 1 else _ALL]
 
 
-def causal_block(i0: int, i1: int, nq: int, nk: int, device: torch.device) -> Tensor:
-    """Bottom-right aligned causal visibility of query rows ``[i0, i1)``: bool ``(i1-i0, Nk)``."""
+def causal_block(i0: int, i1: int, nq: int, nk: int, device: torch.device, j1: int | None = None) -> Tensor:
+    """Bottom-right aligned causal visibility of query rows ``[i0, i1)`` and keys ``[0, j1)``: bool ``(i1-i0, j1)``."""
     qpos = torch.arange(i0, i1, device=device) + (nk - nq)
-    kpos = torch.arange(nk, device=device)
+    kpos = torch.arange(nk if j1 is None else j1, device=device)
     return kpos[None, :] <= qpos[:, None]
 
 
-def alibi_block(slopes: Tensor, i0: int, i1: int, nq: int, nk: int, dtype: torch.dtype) -> Tensor:
+def alibi_block(
+    slopes: Tensor, i0: int, i1: int, nq: int, nk: int, dtype: torch.dtype, j1: int | None = None
+) -> Tensor:
     """ALiBi bias ``-slope * |Nk - Nq + i - j|`` for rows ``[i0, i1)``: ``(B or 1, Hq, i1-i0, Nk)``."""
     qpos = torch.arange(i0, i1, device=slopes.device, dtype=dtype) + (nk - nq)
-    kpos = torch.arange(nk, device=slopes.device, dtype=dtype)
+    kpos = torch.arange(nk if j1 is None else j1, device=slopes.device, dtype=dtype)
     dist = (qpos[:, None] - kpos[None, :]).abs()
     return -slopes.to(dtype)[:, :, None, None] * dist
 
