@@ -14,11 +14,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from _machine import cpu_name
 
 IMPLS = ("sa_auto", "sdpa_softmax", "naive_eager_sa")
 
@@ -43,18 +44,6 @@ def naive_eager_sa(q, k, v, causal: bool):
     if causal:
         weights = weights * keep
     return torch.matmul(weights, v)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _rss_bytes() -> int:

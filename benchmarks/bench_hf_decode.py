@@ -23,23 +23,13 @@ import time
 
 import torch
 import transformers
+from _machine import cpu_name
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import sasoftmax
 import sasoftmax.integrations.hf as sa_hf
 
 IMPLS = ("sdpa", "sa_softmax")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
@@ -113,7 +103,7 @@ def main() -> None:
             dec[impl].append(statistics.median(decode(models[impl], cache, nxt, args.new)))
 
     print(f"date      {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
-    print(f"machine   {platform.machine()} {_cpu_name()}, torch threads {torch.get_num_threads()}, "
+    print(f"machine   {platform.machine()} {cpu_name()}, torch threads {torch.get_num_threads()}, "
           f"python {platform.python_version()}")
     print(f"versions  torch {torch.__version__}, transformers {transformers.__version__}, "
           f"sasoftmax {sasoftmax.__version__}")
