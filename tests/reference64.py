@@ -1,10 +1,10 @@
-"""An independent float64 oracle for SA-Softmax and SA attention, written from ``design/math.md`` alone.
+"""An independent float64 oracle for SA-Softmax and SA attention, written from ``docs/contract.md`` alone.
 
 It deliberately shares no code with the package (``sasoftmax.functional`` / ``attention.reference``): it works one
 row at a time, keeps only the visible entries of each row, and lets autograd differentiate plain float64 formulas,
 so a bug in the package's vectorised masking or in its analytic backward cannot hide behind the same bug here.
 
-Conventions (math.md sections 1 and 4):
+Conventions (contract.md sections 1 and 4):
 
 * layout ``(B, H, N, D)``; ``k``/``v`` may have ``Hkv`` heads with ``Hq % Hkv == 0``; query head ``h`` reads
   key/value head ``h // (Hq // Hkv)``;

@@ -213,7 +213,7 @@ def test_empty_batch_or_queries(runner, shape):
 
 @pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
 def test_no_keys_gives_zeros(runner):
-    """Nk = 0: every row has no visible key, so the output is 0 (math.md section 1), on every backend."""
+    """Nk = 0: every row has no visible key, so the output is 0 (contract.md section 1), on every backend."""
     q, k, v = _qkv(2, 2, 2, 3, 0, 4, 5, seed=16)
     out = run_sa(*runner, q, k, v)
     assert out.shape == (2, 2, 3, 5) and (out == 0).all()

@@ -182,7 +182,7 @@ def test_saturated_row_gradient_does_not_vanish():
 
 
 def test_range_differentiated_argmax_self_gradient_equals_softmax():
-    """math.md: with the range differentiated, the arg-max key's factor is identically 1, so its own gradient is
+    """contract.md: with the range differentiated, the arg-max key's factor is identically 1, so its own gradient is
     vanilla softmax's p (1 - p)."""
     row = torch.tensor([3.0, 0.5, -1.3, 0.1], dtype=torch.float64)
     soft = _jacobian_diag_at_argmax(lambda x: torch.softmax(x, -1), row)

@@ -1,4 +1,4 @@
-"""The fused Triton backend against the float64 reference (``design/math.md``).
+"""The fused Triton backend against the float64 reference (``docs/contract.md``).
 
 Without a GPU the kernels run under the Triton interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``), so
 the shapes here are small and the dtypes float32/float16. On a CUDA machine the same tests run the compiled kernels

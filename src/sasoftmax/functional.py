@@ -1,6 +1,6 @@
 """SA-Softmax as a plain tensor function (the row math every attention backend must agree with).
 
-Semantics (``design/math.md`` section 1), for the scores ``s`` of one row over its *visible* entries:
+Semantics (``docs/contract.md`` section 1), for the scores ``s`` of one row over its *visible* entries:
 
 * ``p = softmax(s)`` over visible entries only;
 * plain form (``normalize=False``): ``w = s * p``;

@@ -1,7 +1,7 @@
 """Validation and one canonical form of everything an SA attention call takes.
 
 Every backend receives an :class:`AttentionInputs`, so the meaning of masks, causality, biases and head layout is
-decided here once (``design/math.md`` section 4):
+decided here once (``docs/contract.md`` section 4):
 
 * layout ``(B, H, N, D)`` as in ``torch.nn.functional.scaled_dot_product_attention``;
 * bool ``attn_mask``: True = attend; float ``attn_mask``: added to the scores, where entries ``<= -65504``

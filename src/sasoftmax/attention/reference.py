@@ -1,6 +1,6 @@
 """The materialized backend: plain PyTorch autograd over the full ``(B, Hq, Nq, Nk)`` score tensor.
 
-It is the executable form of the contract (``design/math.md``), the only path that can return the attention
+It is the executable form of the contract (``docs/contract.md``), the only path that can return the attention
 weights, and the oracle the tests run in float64 against every other backend. Memory is O(N^2).
 """
 

@@ -1,4 +1,4 @@
-"""The fused Triton backend: SA attention in FlashAttention-2 form, forward and backward (``design/math.md`` §3).
+"""The fused Triton backend: SA attention in FlashAttention-2 form, forward and backward (``docs/contract.md`` §3).
 
 Public entry points (used by :mod:`sasoftmax.attention.api`):
 
@@ -343,7 +343,7 @@ def _range_correction(
 ) -> None:
     """Add the gradient through the row range (normalized form, range not detached), in place, O(N D).
 
-    ``design/math.md``: ``dL/da = c (Delta - Delta0)`` goes to the arg-min key when ``min s < 0`` and
+    ``docs/contract.md``: ``dL/da = c (Delta - Delta0)`` goes to the arg-min key when ``min s < 0`` and
     ``dL/db = -c Delta`` to the arg-max key when ``max s > 0``. The kernels already left out of ``ds`` the part of the
     factor at those keys that these terms cancel exactly, so what is added here is ``c (Delta - sum_{j != argmin}
     p_j dP_j)`` and ``-c sum_{j != argmax} w_j dP_j`` (the row sums ``row_a``, ``row_b`` come from the dq kernel).

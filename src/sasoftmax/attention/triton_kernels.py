@@ -1,4 +1,4 @@
-"""Triton kernels of the fused SA attention (FlashAttention-2 structure, ``design/math.md`` section 3).
+"""Triton kernels of the fused SA attention (FlashAttention-2 structure, ``docs/contract.md`` section 3).
 
 This module needs ``triton`` and is imported lazily by :mod:`sasoftmax.attention.triton_backend`. Whether the kernels
 run on the GPU or under the Triton interpreter is decided when this module is imported: ``TRITON_INTERPRET=1`` must
