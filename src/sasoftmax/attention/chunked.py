@@ -199,9 +199,12 @@ def _backward_rows(sc: _Scores, dP, delta, a, b, norm: bool, range_grad: bool, n
         c = 1.0 / (b - a + eps)
         if range_grad:
             delta0 = torch.linalg.vecdot(p, dP, dim=-1).unsqueeze(-1)
-        w = torch.addcmul(-a * c, s, c).mul_(p) if need_w else None  # (s - a) c p
-        ds = torch.addcmul((1.0 - a) * c, s, c)  # c (1 + s - a)
-        return ds.mul_(dP).sub_(delta).mul_(p), w, delta0, c
+        if not need_w:
+            ds = torch.addcmul((1.0 - a) * c, s, c)  # c (1 + s - a)
+            return ds.mul_(dP).sub_(delta).mul_(p), None, delta0, c
+        w = torch.addcmul(-a * c, s, c).mul_(p)  # (s - a) c p, in [0, 1]
+        ds = torch.addcmul(w, p, c)  # c (1 + s - a) p
+        return ds.mul_(dP).addcmul_(p, delta, value=-1.0), w, delta0, c
     # plain: ds = p (dP + (s dP - Delta)), with Delta = sum_j w_j dP_j taken from this tile rather than g.o: the two
     # large terms s dP and Delta then carry the same rounding and cancel cleanly when |s| is large.
     w = s * p
