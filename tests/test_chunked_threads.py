@@ -53,3 +53,20 @@ def test_threaded_tiles_match_sequential(monkeypatch, two_threads, normalize):
     assert torch.get_num_threads() == 2, "torch's thread count was not restored"
     for a, b in zip(seq, par, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_tile_threads_env_caps_and_is_validated(monkeypatch, two_threads):
+    monkeypatch.setattr(chunked, "PARALLEL_MIN_SCORES", 0)
+    monkeypatch.setattr(chunked, "DEFAULT_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(chunked, "MIN_TILE_ROWS", 4)
+    q = torch.randn(2, 2, 16, 4)
+    from sasoftmax.attention import prepare
+
+    inp = prepare(q, q, q)
+    tiles = chunked.plan_tiles(inp)
+    assert chunked._workers(tiles, inp) == 2
+    monkeypatch.setenv("SASOFTMAX_TILE_THREADS", "1")
+    assert chunked._workers(tiles, inp) == 1
+    monkeypatch.setenv("SASOFTMAX_TILE_THREADS", "many")
+    with pytest.raises(ValueError, match="SASOFTMAX_TILE_THREADS"):
+        sa_attention(q, q, q, backend="chunked")
