@@ -121,8 +121,8 @@ class _Scores:
             s.add_(add)
         if bias is not None:
             s.add_(_tile(bias, tl))
-        # Masked entries, as a bool `hidden` over the columns `cols` of the tile (everything left of `cols` is
-        # visible to every row). A causal-only mask touches just the tile's diagonal block.
+        # Masking touches only the columns `cols` of the tile (everything left of them is visible to every row):
+        # for a causal-only mask, just the tile's diagonal block.
         self.cols = slice(0, tl.j1)
         if inp.keep is None and inp.is_causal:
             self.cols = slice(min(max(0, tl.i0 + inp.nk - inp.nq + 1), tl.j1), tl.j1)
