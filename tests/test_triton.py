@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("triton")
 
 from sasoftmax.attention import api  # noqa: E402
-from sasoftmax.attention.api import sa_attention  # noqa: E402
+from sasoftmax.attention.api import sa_attention, sa_attention_with_weights  # noqa: E402
 from sasoftmax.attention.inputs import prepare  # noqa: E402
 from sasoftmax.attention.triton_backend import triton_attention, unsupported_reason  # noqa: E402
 
@@ -39,10 +39,12 @@ def check(
     *,
     bias: torch.Tensor | None = None,
     grad_scale: float = 1.0,
+    dropout_seed: int | None = None,
     **kw,
 ) -> dict[str, tuple[float, float]]:
     """Run triton, the reference in the same dtype, and the reference in float64; assert the accuracy rule on the
-    output and on every gradient. Returns ``{name: (triton error, reference error)}``."""
+    output and on every gradient. Returns ``{name: (triton error, reference error)}``. With ``dropout_seed`` each run
+    gets a generator seeded with it (all backends drop the same entries for the same seed)."""
     dtype = q.dtype
     gen = torch.Generator(device="cpu").manual_seed(1234)
     g = (torch.randn(q.shape[:3] + v.shape[-1:], generator=gen) * grad_scale).to(q.device)
@@ -53,6 +55,8 @@ def check(
     for backend, cast in (("triton", dtype), ("reference", dtype), ("reference", torch.float64)):
         ts = {n: t.detach().to(cast if n != "bias" else (cast if cast == torch.float64 else t.dtype))
               .requires_grad_(t.requires_grad) for n, t in leaves.items()}
+        if dropout_seed is not None:
+            kw["generator"] = torch.Generator().manual_seed(dropout_seed)
         out = sa_attention(ts["q"], ts["k"], ts["v"], bias=ts.get("bias"), backend=backend, **kw)
         assert out.dtype == cast
         out.backward(g.to(cast))
@@ -261,17 +265,63 @@ def test_empty_sequences() -> None:
 def test_unsupported_reasons() -> None:
     q, k, v = qkv(Nq=8)
     assert unsupported_reason(prepare(q, k, v)) is None
-    reason = unsupported_reason(prepare(q, k, v, dropout_p=0.1))
-    assert reason is not None and "dropout" in reason
-    with pytest.raises(ValueError, match="dropout"):
-        sa_attention(q, k, v, dropout_p=0.1, backend="triton")
-    with pytest.raises(ValueError, match="dropout"):
-        triton_attention(prepare(q, k, v, dropout_p=0.1))
+    assert unsupported_reason(prepare(q, k, v, dropout_p=0.1)) is None
+    big = rand(1, 1, 4, 320, grad=False)
+    with pytest.raises(ValueError, match="head_dim"):
+        triton_attention(prepare(big, big, big))
     reason = unsupported_reason(prepare(q.double(), k.double(), v.double()))
     assert reason is not None and "float64" in reason
     big = rand(1, 1, 4, 320, grad=False)
     reason = unsupported_reason(prepare(big, big, big))
     assert reason is not None and "head_dim" in reason
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dropout (in-kernel, the same counter-based mask as the PyTorch backends)
+
+
+@pytest.mark.parametrize("normalize,detach_range", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dropout_matches_reference_with_same_seed(normalize: bool, detach_range: bool, is_causal: bool) -> None:
+    """Same seed, same dropped entries: output and every gradient (bias too) agree with the float64 reference."""
+    q, k, v = qkv(B=2, H=4, Hkv=2, Nq=21, Nk=35 if not is_causal else 21, seed=41)
+    bias = rand(1, 4, q.shape[2], k.shape[2], std=0.5, seed=43)
+    check(q, k, v, bias=bias, is_causal=is_causal, normalize=normalize, detach_range=detach_range, dropout_p=0.3,
+          dropout_seed=11)
+
+
+def test_dropout_really_drops_and_depends_on_seed() -> None:
+    q, k, v = qkv(B=1, H=2, Nq=40, seed=45)
+    kw = dict(dropout_p=0.5, backend="triton")
+    base = sa_attention(q, k, v, backend="triton")
+    a = sa_attention(q, k, v, generator=torch.Generator().manual_seed(1), **kw)
+    b = sa_attention(q, k, v, generator=torch.Generator().manual_seed(1), **kw)
+    c = sa_attention(q, k, v, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c) and not torch.allclose(a, base)
+    want = sa_attention(q, k, v, generator=torch.Generator().manual_seed(2), dropout_p=0.5, backend="chunked")
+    torch.testing.assert_close(c, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_half() -> None:
+    q, k, v = qkv(B=1, H=2, Nq=19, dtype=torch.float16, seed=47)
+    check(q, k, v, is_causal=True, dropout_p=0.2, dropout_seed=3)
+
+
+def test_dropout_seed_halves_with_top_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeds whose 32-bit halves have the top bit set: the kernels must read them as unsigned, like the PyTorch
+    hash. The expected output applies the mask of :func:`keep_mask` to the float64 weights."""
+    import sasoftmax.attention.triton_backend as tb
+    from sasoftmax.attention.dropout import keep_mask
+
+    seed = (0x70000001 << 32) | 0x80000003
+    monkeypatch.setattr(tb, "draw_seed", lambda generator: seed)
+    q, k, v = (t.detach() for t in qkv(B=1, H=2, Nq=19, seed=49))
+    out = sa_attention(q, k, v, dropout_p=0.4, backend="triton")
+    keep = keep_mask(seed, 0.4, 1, 2, 19, 19, 0, 19, torch.device("cpu"))
+    w = sa_attention_with_weights(q.double(), k.double(), v.double())[1]
+    want = (w * keep.double() / 0.6) @ v.double()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU dispatch")
@@ -308,7 +358,7 @@ INTS = {"H", "G", "HKV", "Nq", "Nk", "D", "DV", "N_BUCKET"}
 PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "Bias": "*bf16", "MaskAdd": "*fp32",
        "Keep": "*u8", "IdxMin": "*i32", "IdxMax": "*i32"}
 flags = dict(IS_CAUSAL=True, HAS_KEEP=True, HAS_MADD=True, HAS_BIAS=True, HAS_ALIBI=True, NORMALIZE=True,
-             RANGE_GRAD=True, DOT_PREC="tf32", BLOCK_D=int(sys.argv[1]), BLOCK_DV=int(sys.argv[1]))
+             RANGE_GRAD=True, HAS_DROPOUT=True, DOT_PREC="tf32", BLOCK_D=int(sys.argv[1]), BLOCK_DV=int(sys.argv[1]))
 extra = {"sa_bwd_dkdv": dict(BIAS_GRAD=True, DB_BCAST_M=False, DB_BCAST_N=True, DB_ATOMIC=True)}
 out = {}
 for kind, fn in (("fwd", tk.sa_fwd), ("dq", tk.sa_bwd_dq), ("dkdv", tk.sa_bwd_dkdv)):
@@ -321,7 +371,7 @@ for kind, fn in (("fwd", tk.sa_fwd), ("dq", tk.sa_bwd_dq), ("dkdv", tk.sa_bwd_dk
             sig[name] = "constexpr"
         elif name in INTS:
             sig[name] = "i32"
-        elif name in ("scale", "eps"):
+        elif name in ("scale", "eps", "drop_scale"):
             sig[name] = "fp32"
         elif name[0].isupper():
             sig[name] = "*fp32" if fn is tk.sa_fwd and name == "Out" else PTR.get(name, "*fp32")
@@ -386,6 +436,11 @@ class TestGPU:
         check(q, k, v, bias=bias, is_causal=True)
         slopes = torch.exp2(-torch.arange(1, H + 1, dtype=torch.float32)).to(DEVICE)
         check(q, k, v, alibi_slopes=slopes, normalize=True)
+
+    @pytest.mark.parametrize("normalize", [True, False])
+    def test_dropout_realistic(self, normalize: bool) -> None:
+        q, k, v = qkv(B=2, H=4, Hkv=2, Nq=600, D=64, dtype=torch.bfloat16, std=1.0, seed=77)
+        check(q, k, v, is_causal=True, normalize=normalize, dropout_p=0.1, dropout_seed=5)
 
     def test_head_dim_96_and_256(self) -> None:
         for D in (96, 256):

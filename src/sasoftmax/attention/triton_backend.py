@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .dropout import draw_seed
 from .inputs import AttentionInputs
 
 try:  # triton is optional
@@ -74,8 +75,6 @@ def unsupported_reason(inp: AttentionInputs) -> str | None:
         return "TRITON_INTERPRET is set, so the kernels were built for the interpreter, not for CUDA"
     if interpret and q.dtype == torch.bfloat16:
         return "bfloat16 is not supported under the Triton interpreter"
-    if inp.dropout_p > 0:
-        return "dropout_p > 0 is not supported in-kernel"
     D, Dv = q.shape[-1], v.shape[-1]
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         return f"head_dim {max(D, Dv)} > {MAX_HEAD_DIM}"
@@ -173,7 +172,7 @@ def _launchers() -> dict[str, Any]:
         return configs
 
     keys = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "NORMALIZE", "RANGE_GRAD", "HAS_KEEP", "HAS_MADD",
-            "HAS_BIAS", "HAS_ALIBI"]
+            "HAS_BIAS", "HAS_ALIBI", "HAS_DROPOUT"]
     prune = {"early_config_prune": prune_big_d}
     _TUNED["tuned"] = {
         "fwd": triton.autotune(configs("fwd"), key=keys, prune_configs_by=prune)(tk.sa_fwd),
@@ -223,6 +222,17 @@ class _Extras:
         }
 
 
+def _dropout_args(p: float, seed: int | None) -> tuple[list[Any], bool]:
+    """Kernel arguments ``seed_lo, seed_hi, drop_thr, drop_scale`` and the ``HAS_DROPOUT`` flag.
+
+    The integers go in as ``value | 2**32`` so that Triton types them int64 whatever the seed (the kernels use the low
+    32 bits); the threshold is the one of :func:`sasoftmax.attention.dropout.keep_mask` (keep if hash >= p 2^32)."""
+    if seed is None:
+        return [1 << 32, 1 << 32, 1 << 32, 1.0], False
+    lo, hi, thr = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, int(p * 2**32)
+    return [lo | 1 << 32, hi | 1 << 32, thr | 1 << 32, 1.0 / (1.0 - p)], True
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
     # float32 inputs get exact float32 products (no TF32), so that the accuracy rule against float32 holds
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -248,17 +258,20 @@ class _TritonSA(torch.autograd.Function):
         imin = torch.empty(B, H, Nq, dtype=torch.int32, device=dev) if range_grad else idx_dummy
         imax = torch.empty(B, H, Nq, dtype=torch.int32, device=dev) if range_grad else idx_dummy
         ex = _Extras(inp, bias, dummy)
+        seed = draw_seed(inp.generator) if inp.dropout_p > 0 else None
+        drop, has_drop = _dropout_args(inp.dropout_p, seed)
         kernel, opts = _kernel("fwd", max(_block_dim(D), _block_dim(Dv)), q.dtype)
         kernel[_grid(Nq, "BLOCK_M", B * H)](
             q, k, v, out, lse, ra, rb, imin, imax, *ex.args,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ex.strides,
-            H, H // Hkv, Nq, Nk, D, Dv, inp.scale, inp.eps, _n_bucket(Nq, Nk),
-            NORMALIZE=norm, RANGE_GRAD=range_grad, DOT_PREC=_dot_prec(q.dtype),
+            H, H // Hkv, Nq, Nk, D, Dv, inp.scale, inp.eps, _n_bucket(Nq, Nk), *drop,
+            NORMALIZE=norm, RANGE_GRAD=range_grad, HAS_DROPOUT=has_drop, DOT_PREC=_dot_prec(q.dtype),
             BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv), **ex.flags, **opts,
         )
         ctx.save_for_backward(q, k, v, bias, out, lse, ra if norm else None, rb if norm else None,
                               imin if range_grad else None, imax if range_grad else None)
         ctx.inp = inp
+        ctx.seed = seed
         ctx.range_grad = range_grad
         return out if out.dtype == q.dtype else out.to(q.dtype)
 
@@ -286,8 +299,9 @@ class _TritonSA(torch.autograd.Function):
         if not range_grad:
             imin = imax = torch.empty(1, dtype=torch.int32, device=dev)
         ex = _Extras(inp, bias, dummy)
+        drop, has_drop = _dropout_args(inp.dropout_p, ctx.seed)
         common = dict(DOT_PREC=_dot_prec(q.dtype), BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv), NORMALIZE=norm,
-                      RANGE_GRAD=range_grad, **ex.flags)
+                      RANGE_GRAD=range_grad, HAS_DROPOUT=has_drop, **ex.flags)
         bd = max(_block_dim(D), _block_dim(Dv))
         bucket = _n_bucket(Nq, Nk)
 
@@ -302,7 +316,7 @@ class _TritonSA(torch.autograd.Function):
             kernel[_grid(Nq, "BLOCK_M", B * H)](
                 q, k, v, do, lse, delta, ra, rb, rc, imin, imax, row_a, row_b, dq, *ex.args,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ex.strides,
-                H, G, Nq, Nk, D, Dv, inp.scale, inp.eps, bucket, **common, **opts,
+                H, G, Nq, Nk, D, Dv, inp.scale, inp.eps, bucket, *drop, **common, **opts,
             )
             if not need_q:
                 dq = None
@@ -321,7 +335,7 @@ class _TritonSA(torch.autograd.Function):
             kernel[_grid(Nk, "BLOCK_N", B * Hkv)](
                 q, k, v, do, lse, delta, ra, rb, rc, imin, imax, dk, dv, dummy if dbias is None else dbias, *ex.args,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *sdb, *ex.strides,
-                H, Hkv, G, Nq, Nk, D, Dv, inp.scale, inp.eps, bucket,
+                H, Hkv, G, Nq, Nk, D, Dv, inp.scale, inp.eps, bucket, *drop,
                 BIAS_GRAD=need_bias, DB_BCAST_M=bm, DB_BCAST_N=bn, DB_ATOMIC=batomic, **common, **opts,
             )
         if range_grad:

@@ -32,6 +32,35 @@ import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# Dropout arguments (seed halves and keep threshold) are passed as ``value | 2**32`` so that Triton always types them
+# as int64 (it types an int by its value, and a changing seed would otherwise compile new variants); the kernels keep
+# the low 32 bits. They are also excluded from value specialization.
+_DROPOUT_ARGS = ["seed_lo", "seed_hi", "drop_thr"]
+
+
+@triton.jit
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer on uint32 (wrapping products), as in :mod:`sasoftmax.attention.dropout`."""
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _dropout_keep(offs_m, offs_n, row_base, Nk, seed_lo, seed_hi, drop_thr):
+    """Keep decisions ``(BLOCK_M, BLOCK_N)`` of the scores at rows ``offs_m`` and keys ``offs_n`` of one (batch,
+    head); ``row_base = (b * H + h) * Nq``. The same counter-based hash as the PyTorch backends: the score's flat index
+    ``((b H + h) Nq + i) Nk + j`` is split into 32-bit halves and mixed with the seed, so every backend and block size
+    drops exactly the same entries and the backward regenerates the forward's mask."""
+    idx = (row_base + offs_m.to(tl.int64))[:, None] * Nk + offs_n[None, :]
+    lo = idx.to(tl.uint32)  # truncation keeps the low 32 bits
+    hi = (idx >> 32).to(tl.uint32)
+    h = _fmix32(lo ^ seed_lo.to(tl.uint32))
+    h = _fmix32(h ^ hi ^ seed_hi.to(tl.uint32))
+    return h >= drop_thr.to(tl.uint32)
+
 
 @triton.jit
 def _scores(
@@ -82,12 +111,13 @@ def _fwd_tile(
     MaskAdd, sma_b, sma_h, sma_m, sma_n,
     Bias, sbi_b, sbi_h, sbi_m, sbi_n,
     Slopes, ssl_b, ssl_h,
-    m_i, mn_i, l_i, acc1, acc0, i_max, i_min,
+    m_i, mn_i, l_i, acc1, acc0, i_max, i_min, row_base, seed_lo, seed_hi, drop_thr,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    DOT_PREC: tl.constexpr, FULL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, FULL: tl.constexpr,
 ):
-    """One key block of the forward: update the online-softmax state and the SA accumulators."""
+    """One key block of the forward: update the online-softmax state and the SA accumulators. Dropout zeroes the
+    dropped entries of what multiplies ``V`` (not of the softmax sum); the caller applies ``1 / (1 - p)``."""
     offs_n = start_n + offs_n0
     kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d,
                  mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
@@ -123,13 +153,19 @@ def _fwd_tile(
     l_i = l_i * alpha + tl.sum(e, 1)
     v = tl.load(v_base + offs_n[:, None] * sv_n + offs_dv[None, :] * sv_d,
                 mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < DV), other=0.0)
-    acc1 = acc1 * alpha[:, None] + tl.dot((s_zero * e).to(v.dtype), v, input_precision=DOT_PREC)
+    pv1 = s_zero * e
+    pv0 = e
+    if HAS_DROPOUT:
+        keep = _dropout_keep(offs_m, offs_n, row_base, Nk, seed_lo, seed_hi, drop_thr)
+        pv1 = tl.where(keep, pv1, 0.0)
+        pv0 = tl.where(keep, pv0, 0.0)
+    acc1 = acc1 * alpha[:, None] + tl.dot(pv1.to(v.dtype), v, input_precision=DOT_PREC)
     if NORMALIZE:
-        acc0 = acc0 * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=DOT_PREC)
+        acc0 = acc0 * alpha[:, None] + tl.dot(pv0.to(v.dtype), v, input_precision=DOT_PREC)
     return m_new, mn_i, l_i, acc1, acc0, i_max, i_min
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DROPOUT_ARGS)
 def sa_fwd(
     Q, K, V, Out, Lse, RangeA, RangeB, IdxMin, IdxMax,
     Keep, MaskAdd, Bias, Slopes,
@@ -141,10 +177,10 @@ def sa_fwd(
     sma_b, sma_h, sma_m, sma_n,
     sbi_b, sbi_h, sbi_m, sbi_n,
     ssl_b, ssl_h,
-    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET,
+    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, seed_lo, seed_hi, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -157,6 +193,7 @@ def sa_fwd(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    row_base = pid_bh.to(tl.int64) * Nq
 
     q_ptrs = Q + off_b * sq_b + off_h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
@@ -186,8 +223,8 @@ def sa_fwd(
             off_b, off_h, Nq, Nk, scale,
             Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
             Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-            m_i, mn_i, l_i, acc1, acc0, i_max, i_min,
-            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, DOT_PREC, True,
+            m_i, mn_i, l_i, acc1, acc0, i_max, i_min, row_base, seed_lo, seed_hi, drop_thr,
+            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, True,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
         m_i, mn_i, l_i, acc1, acc0, i_max, i_min = _fwd_tile(
@@ -195,14 +232,14 @@ def sa_fwd(
             off_b, off_h, Nq, Nk, scale,
             Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
             Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-            m_i, mn_i, l_i, acc1, acc0, i_max, i_min,
-            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, DOT_PREC, False,
+            m_i, mn_i, l_i, acc1, acc0, i_max, i_min, row_base, seed_lo, seed_hi, drop_thr,
+            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, False,
         )
 
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     row_ok = offs_m < Nq
-    stat = pid_bh.to(tl.int64) * Nq + offs_m
+    stat = row_base + offs_m
     if NORMALIZE:
         a = tl.minimum(mn_i, 0.0)
         b = tl.maximum(m_i, 0.0)
@@ -215,6 +252,8 @@ def sa_fwd(
             tl.store(IdxMax + stat, i_max, mask=row_ok)
     else:
         o = acc1 * inv_l[:, None]
+    if HAS_DROPOUT:
+        o = o * drop_scale
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(Lse + stat, lse, mask=row_ok)
     o_ptrs = Out + off_b * so_b + off_h * so_h + offs_m[:, None] * so_m + offs_dv[None, :] * so_d
@@ -229,17 +268,18 @@ def _ds_tile(
     MaskAdd, sma_b, sma_h, sma_m, sma_n,
     Bias, sbi_b, sbi_h, sbi_m, sbi_n,
     Slopes, ssl_b, ssl_h,
+    row_base, seed_lo, seed_hi, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr, HAS_KEEP: tl.constexpr,
-    HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr,
-    FULL: tl.constexpr,
+    HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, FULL: tl.constexpr,
 ):
-    """Recompute one tile. Returns ``(w, ds, p, dp, at_min, at_max)``: the SA weights ``w`` (what multiplies ``dO``
-    for ``dv``), ``ds = dL/ds`` without the sparse range terms, the softmax ``p``, ``dp = dO v^T`` (all float32
-    ``(BLOCK_M, BLOCK_N)``, 0 where masked), and where the row's arg-min (if ``a < 0``) / arg-max (if ``b > 0``) key
-    is. With ``RANGE_GRAD`` the factor at those two keys is taken without the part that the range correction cancels
-    exactly (``c`` at the arg-min, ``c (1 - c eps)`` at the arg-max), so that no O(c) terms cancel in floating point:
-    the correction added afterwards is then ``c (Delta - sum_{j != argmin} p dp)`` and
-    ``-c sum_{j != argmax} w dp``."""
+    """Recompute one tile. Returns ``(w, wd, ds, p, dp, at_min, at_max)``: the SA weights ``w``, the weights applied
+    to ``v`` ``wd`` (``w`` after dropout; what multiplies ``dO`` for ``dv``), ``ds = dL/ds`` without the sparse range
+    terms, the softmax ``p``, ``dp = dL/dw = (dO v^T)`` after dropout (all float32 ``(BLOCK_M, BLOCK_N)``, 0 where
+    masked), and where the row's arg-min (if ``a < 0``) / arg-max (if ``b > 0``) key is. With ``RANGE_GRAD`` the
+    factor at those two keys is taken without the part that the range correction cancels exactly (``c`` at the
+    arg-min, ``c (1 - c eps)`` at the arg-max), so that no O(c) terms cancel in floating point: the correction added
+    afterwards is then ``c (Delta - sum_{j != argmin} p dp)`` and ``-c sum_{j != argmax} w dp``."""
     qk = tl.dot(q, kt, input_precision=DOT_PREC)
     s, vis = _scores(
         qk, offs_m, offs_n, off_b, off_h, Nq, Nk, scale,
@@ -254,6 +294,9 @@ def _ds_tile(
         p = tl.exp(tl.where(vis, s, float("-inf")) - lse[:, None])  # lse = +inf on empty rows -> 0
         s_zero = tl.where(vis, s, 0.0)
     dp = tl.dot(do, vt, input_precision=DOT_PREC)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(offs_m, offs_n, row_base, Nk, seed_lo, seed_hi, drop_thr)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
     at_min = offs_n[None, :] < 0  # all False unless RANGE_GRAD
     at_max = offs_n[None, :] < 0
     if NORMALIZE:
@@ -268,7 +311,11 @@ def _ds_tile(
         fac_w = s_zero
         fac = s_zero + 1.0
     ds = p * (fac * dp - delta[:, None])
-    return fac_w * p, ds, p, dp, at_min, at_max
+    w = fac_w * p
+    wd = w
+    if HAS_DROPOUT:
+        wd = tl.where(keep, w * drop_scale, 0.0)
+    return w, wd, ds, p, dp, at_min, at_max
 
 
 @triton.jit
@@ -299,10 +346,11 @@ def _dkdv_tile(
     MaskAdd, sma_b, sma_h, sma_m, sma_n,
     Bias, sbi_b, sbi_h, sbi_m, sbi_n,
     Slopes, ssl_b, ssl_h,
+    seed_lo, seed_hi, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BCAST_M: tl.constexpr, DB_BCAST_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
-    DOT_PREC: tl.constexpr, FULL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, FULL: tl.constexpr,
 ):
     """One query block of the dk/dv kernel: accumulate ``dk``, ``dv`` and write (or add) the bias gradient."""
     offs_m = start_m + offs_m0
@@ -315,14 +363,15 @@ def _dkdv_tile(
     delta = tl.load(Delta + stat_base + offs_m, mask=m_ok, other=0.0)
     ra, rb, rc, i_min, i_max = _row_stats(
         stat_base + offs_m, m_ok, delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, NORMALIZE, RANGE_GRAD)
-    w, ds, p, dp, at_min, at_max = _ds_tile(
+    w, wd, ds, p, dp, at_min, at_max = _ds_tile(
         q, kt, vt, do, lse, delta, ra, rb, rc, i_min, i_max, eps,
         offs_m, offs_n, off_b, off_h, Nq, Nk, scale,
         Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
         Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-        IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, DOT_PREC, FULL,
+        stat_base, seed_lo, seed_hi, drop_thr, drop_scale,
+        IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, FULL,
     )
-    dv += tl.dot(tl.trans(w.to(do.dtype)), do, input_precision=DOT_PREC)
+    dv += tl.dot(tl.trans(wd.to(do.dtype)), do, input_precision=DOT_PREC)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     if BIAS_GRAD:
         db_base = DBias + off_b * sdb_b + off_h * sdb_h
@@ -343,7 +392,7 @@ def _dkdv_tile(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DROPOUT_ARGS)
 def sa_bwd_dkdv(
     Q, K, V, DO, Lse, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, DK, DV_, DBias,
     Keep, MaskAdd, Bias, Slopes,
@@ -358,11 +407,11 @@ def sa_bwd_dkdv(
     sma_b, sma_h, sma_m, sma_n,
     sbi_b, sbi_h, sbi_m, sbi_n,
     ssl_b, ssl_h,
-    H, HKV, G, Nq, Nk, D, DV, scale, eps, N_BUCKET,
+    H, HKV, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, seed_lo, seed_hi, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BCAST_M: tl.constexpr, DB_BCAST_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -407,9 +456,9 @@ def sa_bwd_dkdv(
                 DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n, offs_d, offs_dv, n_ok,
                 kt, vt, dk, dv, D, DV, off_b, off_h, Nq, Nk, scale, eps,
                 Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, seed_lo, seed_hi, drop_thr, drop_scale,
                 IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI,
-                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, DOT_PREC, False,
+                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, DOT_PREC, False,
             )
         for start_m in range(mid, Nq, BLOCK_M):
             dk, dv = _dkdv_tile(
@@ -417,9 +466,9 @@ def sa_bwd_dkdv(
                 DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n, offs_d, offs_dv, n_ok,
                 kt, vt, dk, dv, D, DV, off_b, off_h, Nq, Nk, scale, eps,
                 Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, seed_lo, seed_hi, drop_thr, drop_scale,
                 IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI,
-                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, DOT_PREC, True,
+                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, DOT_PREC, True,
             )
 
     dk = dk * scale
@@ -437,9 +486,10 @@ def _dq_tile(
     MaskAdd, sma_b, sma_h, sma_m, sma_n,
     Bias, sbi_b, sbi_h, sbi_m, sbi_n,
     Slopes, ssl_b, ssl_h,
+    row_base, seed_lo, seed_hi, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    DOT_PREC: tl.constexpr, FULL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, FULL: tl.constexpr,
 ):
     """One key block of the dq kernel: accumulate ``dq`` and the row sums of the range correction."""
     offs_n = start_n + offs_n0
@@ -448,12 +498,13 @@ def _dq_tile(
                 mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     vt = tl.load(v_base + offs_n[None, :] * sv_n + offs_dv[:, None] * sv_d,
                  mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-    w, ds, p, dp, at_min, at_max = _ds_tile(
+    w, wd, ds, p, dp, at_min, at_max = _ds_tile(
         q, tl.trans(k), vt, do, lse, delta, ra, rb, rc, i_min, i_max, eps,
         offs_m, offs_n, off_b, off_h, Nq, Nk, scale,
         Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
         Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-        IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, DOT_PREC, FULL,
+        row_base, seed_lo, seed_hi, drop_thr, drop_scale,
+        IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, FULL,
     )
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     if RANGE_GRAD:
@@ -462,7 +513,7 @@ def _dq_tile(
     return dq, r_a, r_b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DROPOUT_ARGS)
 def sa_bwd_dq(
     Q, K, V, DO, Lse, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, RowA, RowB, DQ,
     Keep, MaskAdd, Bias, Slopes,
@@ -475,10 +526,10 @@ def sa_bwd_dq(
     sma_b, sma_h, sma_m, sma_n,
     sbi_b, sbi_h, sbi_m, sbi_n,
     ssl_b, ssl_h,
-    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET,
+    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, seed_lo, seed_hi, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -492,12 +543,13 @@ def sa_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Nq
+    row_base = pid_bh.to(tl.int64) * Nq
 
     q = tl.load(Q + off_b * sq_b + off_h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
                 mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + off_b * sdo_b + off_h * sdo_h + offs_m[:, None] * sdo_m + offs_dv[None, :] * sdo_d,
                  mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    stat = pid_bh.to(tl.int64) * Nq + offs_m
+    stat = row_base + offs_m
     lse = tl.load(Lse + stat, mask=m_ok, other=float("inf"))
     delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
     ra, rb, rc, i_min, i_max = _row_stats(
@@ -520,16 +572,16 @@ def sa_bwd_dq(
             q, do, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
             lse, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
             Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, DOT_PREC, True,
+            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, row_base, seed_lo, seed_hi, drop_thr, drop_scale,
+            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, True,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
         dq, r_a, r_b = _dq_tile(
             q, do, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
             lse, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
             Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, DOT_PREC, False,
+            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, row_base, seed_lo, seed_hi, drop_thr, drop_scale,
+            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, False,
         )
     dq = dq * scale
     if RANGE_GRAD:
