@@ -1,0 +1,58 @@
+"""Smoke tests of the benchmark scripts: they run end to end at toy sizes and write what their docs say.
+
+Timings are never asserted (the guide forbids timed tests); only that the scripts work and produce their tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_gpu_benchmark_exits_cleanly_without_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("triton")
+    mod = _load("bench_gpu_attention")
+    assert mod.main(["--lengths", "128"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_benchmark_table_format(tmp_path: Path) -> None:
+    mod = _load("bench_gpu_attention")
+    rows = [
+        {"D": 64, "causal": True, "N": 1024, "B": 16, "H": 32, "method": "SDPA flash", "fwd_ms": 1.0,
+         "fwd_tflops": 100.0, "fb_ms": 3.0, "fb_tflops": 120.0, "peak_mib": 10.0, "vs_flash": 1.0},
+        {"D": 64, "causal": True, "N": 1024, "B": 16, "H": 32, "method": "SA eager", "note": "OOM"},
+    ]
+    out = tmp_path / "bench.md"
+    mod._write_markdown(str(out), rows, ["D=128 causal=False N=16384 (time budget)"], "GPU X", 12.0, "t", "tr")
+    text = out.read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and all(line.count("|") == table[0].count("|") for line in table)
+    assert "| SA eager |" in text and "OOM" in text and "GPU X" in text and "time budget" in text
+    assert "1.00" in mod._fmt_line(rows[0]) and mod._fmt_line(rows[1]).endswith("OOM")
+
+
+def test_cpu_attention_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.md"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cpu_attention.py"), "--lengths", "64", "--batch", "1",
+         "--heads", "2", "--head-dim", "16", "--reps", "1", "--causal", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 64 ")]
+    assert len(rows) == 1
