@@ -13,6 +13,7 @@ from sasoftmax.normalizers import (
     alibi_bias,
     get_normalizer,
     list_normalizers,
+    materialized_attention,
     register_normalizer,
     softmax_attention,
     unregister_normalizer,
@@ -230,3 +231,65 @@ def test_softmax_causal_more_queries_than_keys_gives_zero_rows():
     torch.testing.assert_close(out, want)
     out.sum().backward()
     assert bool(torch.isfinite(q.grad).all()) and bool((q.grad[:, :, :2] == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------- materialized weights
+
+
+@pytest.mark.parametrize("name", ["softmax", "sa_softmax", "sa_softmax_plain", "sa_softmax_detached"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_builtin_weights_match_their_attention(name, causal):
+    """Every built-in entry's ``weights`` gives, through materialized_attention, the output and gradients of its
+    own (fused / SDPA) attention function: float64, GQA, bias with gradient, ALiBi, padding mask."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 4, 7, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    keep[1, ..., 6:] = False
+    kw = dict(attn_mask=keep, is_causal=causal, bias=bias, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+    entry = get_normalizer(name)
+    outs = []
+    for fn in (lambda: entry.fn(q, k, v, **kw), lambda: materialized_attention(entry.weights, q, k, v, **kw)):
+        for t in (q, k, v, bias):
+            t.grad = None
+        out = fn()
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float64)).view_as(out))
+        outs.append([out.detach(), *(t.grad.clone() for t in (q, k, v, bias))])
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_register_weights_only_builds_materialized_attention():
+    def half_uniform(s, visible, module=None):  # weight 1/(2n) on each of n visible keys
+        vis = torch.ones_like(s, dtype=torch.bool) if visible is None else visible.expand_as(s)
+        n = vis.sum(dim=-1, keepdim=True).clamp(min=1)
+        return vis.to(s.dtype) / (2 * n)
+
+    entry = register_normalizer("test_half_uniform", weights=half_uniform, description="test")
+    try:
+        assert get_normalizer("test_half_uniform") is entry and entry.weights is half_uniform
+        q = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+        v = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+        out = entry.fn(q, q, v, is_causal=True)
+        want = torch.stack([v[:, :, : i + 1].mean(dim=2) / 2 for i in range(5)], dim=2)
+        torch.testing.assert_close(out, want)
+        out, w = materialized_attention(half_uniform, q, q, v, is_causal=True, return_weights=True)
+        assert torch.all(w.triu(1) == 0)
+        with pytest.raises(TypeError, match="weights"):
+            register_normalizer("test_bad_weights", weights=3)
+        with pytest.raises(ValueError, match="attn_mask"):
+            entry.fn(q, q, v, attn_mask=torch.ones(3, 3, dtype=torch.bool))
+    finally:
+        unregister_normalizer("test_half_uniform")
+
+
+def test_materialized_dropout_matches_sa_backends():
+    """Same generator seed, same dropped entries as sa_attention's backends."""
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64) for _ in range(3))
+    w = get_normalizer("sa_softmax").weights
+    a = materialized_attention(w, q, k, v, is_causal=True, dropout_p=0.4, generator=torch.Generator().manual_seed(2))
+    b = sa_attention(q, k, v, is_causal=True, dropout_p=0.4, generator=torch.Generator().manual_seed(2),
+                     backend="chunked")
+    torch.testing.assert_close(a, b)

@@ -22,6 +22,21 @@ Calling convention of ``Normalizer.fn``::
   ``init_params(module, n_heads)`` when the model is built); SA normalizers read ``module.attn_backend``.
 
 Returns ``(B, Hq, Nq, Dv)`` in the dtype of ``q``. A query row with no visible key returns 0 (never NaN).
+
+Materialized weights (``Normalizer.weights``, optional but provided by every built-in entry)::
+
+    weights(s, visible, module) -> w
+
+* ``s``: float32 (float64 for float64 inputs) scores ``(B, Hq, Nq, Nk)`` = ``scale * q.k + bias + alibi + float
+  mask``, finite everywhere (masked entries hold arbitrary finite values; a weights function must not read them).
+* ``visible``: bool, broadcastable to ``s``, True = the key takes part; or None (every key visible).
+* Returns ``w`` with the shape of ``s``, differentiable by autograd, exactly 0 at masked entries and on rows with no
+  visible key.
+
+This is what :func:`materialized_attention` (and so ``output_attentions``-style weight inspection and the gradient
+diagnostics of :mod:`sasoftmax.diagnostics`) runs. A peer method only needs its weights function:
+``register_normalizer("softmax_plus_one", weights=fn, description=...)`` builds the attention function from it
+(O(N^2) memory; register a fused ``fn`` as well when one exists).
 """
 
 from __future__ import annotations
@@ -35,7 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import sa_attention
-from .attention.inputs import MASKED_FLOAT_THRESHOLD
+from .attention.dropout import draw_seed, keep_mask
+from .attention.inputs import MASKED_FLOAT_THRESHOLD, prepare
+from .attention.reference import expand_kv, scores
+from .functional import sa_rows
 
 __all__ = [
     "Normalizer",
@@ -44,6 +62,8 @@ __all__ = [
     "get_normalizer",
     "list_normalizers",
     "softmax_attention",
+    "materialized_attention",
+    "masked_softmax",
     "alibi_bias",
     "causal_visibility",
     "repeat_kv",
@@ -51,6 +71,7 @@ __all__ = [
 
 AttentionFn = Callable[..., Tensor]
 InitParamsFn = Callable[[nn.Module, int], None]
+WeightsFn = Callable[[Tensor, "Tensor | None", "nn.Module | None"], Tensor]
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,7 @@ class Normalizer:
         needs_params: True when the normalizer keeps learnable parameters on the attention module.
         init_params: ``init_params(module, n_heads)`` creates those parameters (e.g. an ``nn.Parameter`` of shape
             ``(n_heads,)``) on the attention module; called once when the model is built. None = nothing to create.
+        weights: materialized weights from scores (see the module docstring), or None when the method has none.
     """
 
     name: str
@@ -71,6 +93,7 @@ class Normalizer:
     description: str
     needs_params: bool = False
     init_params: InitParamsFn | None = None
+    weights: WeightsFn | None = None
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
         return self.fn(q, k, v, **kwargs)
@@ -86,14 +109,16 @@ def register_normalizer(
     *,
     needs_params: bool = False,
     init_params: InitParamsFn | None = None,
+    weights: WeightsFn | None = None,
     overwrite: bool = False,
 ) -> Normalizer | Callable[[AttentionFn], AttentionFn]:
     """Add a normalizer to the registry.
 
     Use directly, ``register_normalizer("softmax_plus_one", fn, "e^x / (1 + sum e^x)")``, which returns the
     :class:`Normalizer`, or as a decorator, ``@register_normalizer("softmax_plus_one", description=...)``, which
-    returns the function unchanged. Raises ``ValueError`` if ``name`` is taken (unless ``overwrite=True``) or empty,
-    ``TypeError`` if ``fn``/``init_params`` are not callable.
+    returns the function unchanged. With only ``weights`` (``register_normalizer(name, weights=w, ...)``) the
+    attention function is :func:`materialized_attention` over ``w``. Raises ``ValueError`` if ``name`` is taken
+    (unless ``overwrite=True``) or empty, ``TypeError`` if ``fn``/``init_params``/``weights`` are not callable.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"`name` must be a non-empty string, got {name!r}")
@@ -101,6 +126,8 @@ def register_normalizer(
         raise ValueError(f"normalizer {name!r}: `needs_params=True` requires an `init_params(module, n_heads)` hook")
     if init_params is not None and not callable(init_params):
         raise TypeError(f"`init_params` must be callable, got {type(init_params).__name__}")
+    if weights is not None and not callable(weights):
+        raise TypeError(f"`weights` must be callable, got {type(weights).__name__}")
 
     def _add(f: AttentionFn) -> Normalizer:
         if not callable(f):
@@ -109,11 +136,13 @@ def register_normalizer(
             raise ValueError(f"normalizer {name!r} is already registered (pass overwrite=True to replace it)")
         entry = Normalizer(
             name=name, fn=f, description=description, needs_params=bool(needs_params or init_params is not None),
-            init_params=init_params,
+            init_params=init_params, weights=weights,
         )
         _REGISTRY[name] = entry
         return entry
 
+    if fn is None and weights is not None:
+        return _add(_materialized_fn(name, weights))
     if fn is None:
 
         def decorator(f: AttentionFn) -> AttentionFn:
@@ -176,6 +205,74 @@ def alibi_bias(slopes: Tensor, nq: int, nk: int, dtype: torch.dtype = torch.floa
     kpos = torch.arange(nk, device=slopes.device, dtype=dtype)
     dist = (qpos[:, None] - kpos[None, :]).abs()
     return -slopes.to(dtype)[:, :, None, None] * dist
+
+
+def masked_softmax(s: Tensor, visible: Tensor | None, module: nn.Module | None = None) -> Tensor:
+    """Softmax weights over the visible keys (the ``weights`` of the ``softmax`` entry); rows with no visible key
+    are 0."""
+    del module
+    if visible is None:
+        return torch.softmax(s, dim=-1)
+    s_inf = s.masked_fill(~visible, float("-inf"))
+    m = s_inf.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    e = torch.exp(s_inf - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def materialized_attention(
+    weights: WeightsFn,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    bias: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    dropout_p: float = 0.0,
+    module: nn.Module | None = None,
+    generator: torch.Generator | None = None,
+    return_weights: bool = False,
+    on_scores: Callable[[Tensor, Tensor | None], None] | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention with explicit ``(B, Hq, Nq, Nk)`` scores and weights ``w = weights(s, visible, module)``.
+
+    Inputs are validated like :func:`sasoftmax.sa_attention` (shapes, GQA, mask conventions of the module
+    docstring). Dropout uses the same counter-based mask as the SA backends (so for one seed every path drops the
+    same entries). ``on_scores(s, visible)``, if given, sees the score tensor before the weights are computed (the
+    gradient diagnostics use it to retain ``dL/ds``). Returns the output ``(B, Hq, Nq, Dv)`` in the dtype of ``v``,
+    and with ``return_weights`` also the weights applied to ``v`` (after masking and dropout) in the compute dtype.
+    Memory is O(Nq * Nk)."""
+    inp = prepare(q, k, v, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes,
+                  dropout_p=dropout_p, generator=generator)
+    s = scores(inp)
+    visible = inp.visible(0, inp.nq)
+    if visible is not None:
+        s = s.masked_fill(~visible, 0.0)  # finite everywhere, as the weights contract promises
+    if on_scores is not None:
+        on_scores(s, visible)
+    w = weights(s, visible, module)
+    if visible is not None:
+        w = w.masked_fill(~visible, 0.0)
+    if inp.dropout_p > 0:
+        seed = draw_seed(inp.generator)
+        keep = keep_mask(seed, inp.dropout_p, inp.batch, inp.heads, inp.nq, inp.nk, 0, inp.nq, s.device)
+        w = w * keep / (1.0 - inp.dropout_p)
+    vv = expand_kv(inp.v, inp.groups)
+    out = torch.matmul(w.to(vv.dtype), vv)
+    return (out, w) if return_weights else out
+
+
+def _materialized_fn(name: str, weights: WeightsFn) -> AttentionFn:
+    def fn(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+        return materialized_attention(weights, q, k, v, **kwargs)
+
+    fn.__name__ = f"{name}_materialized_attention"
+    fn.__doc__ = f"Materialized attention over the weights of the {name!r} normalizer (O(N^2) memory)."
+    return fn
 
 
 def softmax_attention(
@@ -282,11 +379,22 @@ def _sa(normalize: bool, detach_range: bool) -> AttentionFn:
     return fn
 
 
-register_normalizer("softmax", softmax_attention, "standard softmax attention (torch SDPA)")
+def _sa_weights(normalize: bool, detach_range: bool) -> WeightsFn:
+    def weights(s: Tensor, visible: Tensor | None, module: nn.Module | None = None) -> Tensor:
+        return sa_rows(s, visible, normalize=normalize, detach_range=detach_range, eps=1e-10)
+
+    weights.__name__ = f"sa_weights_normalize_{normalize}_detach_{detach_range}"
+    return weights
+
+
+register_normalizer("softmax", softmax_attention, "standard softmax attention (torch SDPA)", weights=masked_softmax)
 register_normalizer(
-    "sa_softmax", _sa(True, False), "normalized SA-Softmax (x - min)/(max - min) * softmax(x), the paper's default"
+    "sa_softmax", _sa(True, False), "normalized SA-Softmax (x - min)/(max - min) * softmax(x), the paper's default",
+    weights=_sa_weights(True, False),
 )
-register_normalizer("sa_softmax_plain", _sa(False, False), "plain SA-Softmax x * softmax(x)")
+register_normalizer("sa_softmax_plain", _sa(False, False), "plain SA-Softmax x * softmax(x)",
+                    weights=_sa_weights(False, False))
 register_normalizer(
-    "sa_softmax_detached", _sa(True, True), "normalized SA-Softmax with no gradient through the row min/max"
+    "sa_softmax_detached", _sa(True, True), "normalized SA-Softmax with no gradient through the row min/max",
+    weights=_sa_weights(True, True),
 )
