@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,8 @@ class CausalSelfAttention(nn.Module):
         self.normalizer: Normalizer = get_normalizer(config.normalizer)
         if self.normalizer.init_params is not None:
             self.normalizer.init_params(self, self.n_head)
+        # set by sasoftmax.diagnostics.probe_attention: probe(module, q, k, v, kwargs) -> output
+        self.probe: Callable[..., Tensor] | None = None
 
     @property
     def attn_backend(self) -> str:
@@ -162,8 +165,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         q, k = self.pos.rotate(q, k)
-        y = self.normalizer.fn(
-            q, k, v,
+        kwargs = dict(
             attn_mask=None,
             is_causal=True,
             scale=self.scale,
@@ -172,6 +174,10 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             module=self,
         )
+        if self.probe is not None:  # gradient diagnostics: explicit scores and weights (sasoftmax.diagnostics)
+            y = self.probe(self, q, k, v, kwargs)
+        else:
+            y = self.normalizer.fn(q, k, v, **kwargs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -82,6 +82,9 @@ class TrainConfig:
         stop_at: stop after this step while keeping the learning-rate schedule of ``max_steps`` (0 = run to
         ``max_steps``). time_limit_s: stop (validate, checkpoint, summarize) once training has taken this many
         seconds (0 = no limit); the summary then says ``stopped_early``. Neither changes what a step computes.
+        diag_interval: gradient diagnostics (:mod:`sasoftmax.diagnostics`) on a fixed validation batch at step 1 and
+        every N steps (0 = off), written to ``metrics.jsonl`` as ``diag/...`` keys; they change nothing in training.
+        diag_batch_size: sequences in that batch.
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny", "block_size": 128})
@@ -110,6 +113,8 @@ class TrainConfig:
     threads: int = 0
     stop_at: int = 0
     time_limit_s: float = 0.0
+    diag_interval: int = 0
+    diag_batch_size: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -124,11 +129,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
-        positive = ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every", "keep_checkpoints")
+        positive = ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every", "keep_checkpoints",
+                    "diag_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_interval", "ckpt_interval", "threads", "stop_at", "time_limit_s"):
+        for name in ("warmup", "eval_interval", "ckpt_interval", "threads", "stop_at", "time_limit_s", "diag_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -608,6 +614,9 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, resume: bool, data:
                            f"{d.world_size}{' (FSDP2)' if use_fsdp else ''}, device {device}")
 
     tokens_per_step = sampler.global_batch * seq_len
+    diag_batch = None
+    if cfg.diag_interval > 0:  # one fixed validation batch, the same for every run of a given seed and data
+        diag_batch = BatchSampler(data.val, seq_len, cfg.diag_batch_size, seed=cfg.seed + 2).get(0)
     last_loss, val_loss = resumed_losses
     ckpt_path = resumed_from
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
@@ -659,6 +668,10 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, resume: bool, data:
                     eta = (end_step - step) * (now - t0) / max(done, 1)
                     _say(d, quiet, f"step {step}/{end_step} | loss {last_loss:.4f} | lr {lr:.2e} | "
                                    f"{rate:,.0f} tok/s | elapsed {_fmt_time(now - t0)} | ETA {_fmt_time(eta)}")
+            if diag_batch is not None and (step == 1 or step % cfg.diag_interval == 0):
+                diag = _diagnostics(raw, model, diag_batch, device, autocast)
+                if d.main:
+                    metrics.write({"step": step, **diag})
             final = step == end_step
             if not final and cfg.time_limit_s > 0:
                 over = torch.tensor(float(time.perf_counter() - t0 > cfg.time_limit_s))
@@ -687,6 +700,18 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, resume: bool, data:
     if d.main:
         (out_dir / "final.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _diagnostics(raw: nn.Module, model: nn.Module, batch: tuple, device: torch.device,
+                 autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+    """Gradient diagnostics of ``raw`` on ``batch`` (every rank runs them, so FSDP's collectives match; under DDP
+    without gradient sync). Parameter gradients, mode and RNG are left untouched."""
+    from .diagnostics import attention_diagnostics
+
+    x, y = batch
+    sync = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+    with sync:
+        return attention_diagnostics(raw, x.to(device), y.to(device), autocast=autocast)
 
 
 def _save(out_dir: Path, step: int, tokens: int, raw: nn.Module, opt, sched, scaler, cfg: TrainConfig, gcfg,
