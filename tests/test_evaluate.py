@@ -104,12 +104,14 @@ def test_comparison_job_end_to_end(tmp_path):
                          budget_s=0, chunks=2, stream=buf)
     text = buf.getvalue()
     assert "Part 1" in text and "Part 3" in text and "sa_softmax/softmax" in text and "step 4/8" in text
+    assert "Part 4: gradient diagnostics at step 1" in text and "score_grad_norm" in text
     assert set(out["runs"]) == {"softmax", "sa_softmax"}
     lengths = [r["length"] for r in out["runs"]["sa_softmax"]["eval"]["results"]]
     assert lengths == [16, 32, 64, 128]
     assert (tmp_path / "out" / "comparison.md").read_text().startswith("# softmax vs SA-Softmax")
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert saved["runs"]["softmax"]["train"]["steps"] == saved["runs"]["sa_softmax"]["train"]["steps"] == 8
+    assert saved["diagnostics"]["sa_softmax"]["step"] == 1 and "diag/saturated_frac" in saved["diagnostics"]["softmax"]
     # training in slices equals one uninterrupted run of the same config
     direct = load_config(None, [f"data.source={corpus}", *sets, "model.preset=tiny", "model.n_head=4",
                                 "model.positional=alibi", "model.normalizer=sa_softmax", "warmup=30", "lr=2e-3",

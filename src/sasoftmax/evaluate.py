@@ -245,6 +245,8 @@ def comparison_config(data_source: str = "stdlib", out_dir: str = "runs/compare"
     cfg.eval_batches = 8
     cfg.ckpt_interval = 0
     cfg.log_every = 50
+    cfg.diag_interval = 100
+    cfg.diag_batch_size = 8
     cfg.dtype = "bfloat16"
     cfg.out_dir = out_dir
     cfg.seed = 1337
@@ -256,6 +258,23 @@ def comparison_config(data_source: str = "stdlib", out_dir: str = "runs/compare"
 def _fmt_s(seconds: float) -> str:
     m, sec = divmod(int(seconds), 60)
     return f"{m}m{sec:02d}s"
+
+
+_DIAG_SHOWN = ("saturated_frac", "score_grad_norm", "score_grad_norm_saturated", "score_entropy", "weight_sum")
+
+
+def last_diagnostics(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The last gradient-diagnostics row (``diag/`` keys and its ``step``) of a run's ``metrics.jsonl``, or None."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        if '"diag/' in line:
+            row = json.loads(line)
+            if any(k.startswith("diag/") for k in row):
+                last = row
+    return last
 
 
 def _with_normalizer(base: TrainConfig, norm: str) -> TrainConfig:
@@ -370,6 +389,11 @@ def run_comparison(
                   ["final train loss", *(runs[n]["train"]["final_loss"] for n in normalizers)],
                   ["final val loss", *(runs[n]["train"]["val_loss"] for n in normalizers)],
                   ["train time (s)", *(runs[n]["train"]["elapsed_s"] for n in normalizers)]]
+    diags = {n: last_diagnostics(cfgs[n].out_dir) for n in normalizers}
+    diag_rows = []
+    if all(diags.values()):
+        diag_rows = [[m, *(diags[n].get(f"diag/{m}", "-") for n in normalizers)] for m in _DIAG_SHOWN]
+        diag_step = min(diags[n]["step"] for n in normalizers)
     elapsed = time.perf_counter() - t_start
     say()
     pos = base.model.get("positional")
@@ -379,13 +403,18 @@ def run_comparison(
     say(format_table(["", *normalizers], final_rows))
     if stopped_early:
         say(f"note: {stopped_early} (learning-rate schedule of {base.max_steps} steps not finished)")
+    if diag_rows:
+        say()
+        say(f"== Part 4: gradient diagnostics at step {diag_step} (mean over layers, one fixed validation batch; "
+            "docs/diagnostics.md) ==")
+        say(format_table(["metric", *normalizers], diag_rows))
     say(f"total time {elapsed:.0f} s")
 
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "total_s": elapsed}
     payload = {"info": info, "config": base.to_dict(), "gradient_demo": demo, "multipliers": list(multipliers),
-               "steps": done, "stopped_early": stopped_early, "runs": runs}
+               "steps": done, "stopped_early": stopped_early, "runs": runs, "diagnostics": diags}
     (out / "comparison.json").write_text(json.dumps(payload, indent=1))
     md = [f"# softmax vs SA-Softmax (tiny GPT, {base.data.source}, positional {base.model.get('positional')})", "",
           f"{info['date']}, {info['machine']}, torch {info['torch']}, {info['threads']} threads, "
@@ -399,6 +428,9 @@ def run_comparison(
           ""]
     if stopped_early:
         md += [f"Note: {stopped_early} (learning-rate schedule of {base.max_steps} steps not finished).", ""]
+    if diag_rows:
+        md += [f"## Gradient diagnostics at step {diag_step} (mean over layers; see docs/diagnostics.md)", "",
+               format_table(["metric", *normalizers], diag_rows, markdown=True), ""]
     (out / "comparison.md").write_text("\n".join(md))
     say(f"wrote {out / 'comparison.json'} and {out / 'comparison.md'}")
     with contextlib.suppress(Exception):
