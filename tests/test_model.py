@@ -307,14 +307,14 @@ def softmax_plus_one():
         w = torch.softmax(torch.cat([zero, s], dim=-1), dim=-1)[..., 1:]
         return w @ v
 
-    register_normalizer("softmax_plus_one", fn, "off-by-one softmax", init_params=init_params)
+    register_normalizer("test_off_by_one", fn, "off-by-one softmax", init_params=init_params)
     yield calls
-    unregister_normalizer("softmax_plus_one")
+    unregister_normalizer("test_off_by_one")
 
 
 def test_custom_normalizer_is_used(softmax_plus_one):
     torch.manual_seed(9)
-    cfg = tiny(normalizer="softmax_plus_one", positional="kerple_log", n_kv_head=2)
+    cfg = tiny(normalizer="test_off_by_one", positional="kerple_log", n_kv_head=2)
     model = GPT(cfg)
     assert "blocks.0.attn.sp1_temp" in dict(model.named_parameters())
     idx = tokens(2, 9)
@@ -332,7 +332,7 @@ def test_custom_normalizer_is_used(softmax_plus_one):
 
 def test_unregistered_normalizer_rejected_by_config():
     with pytest.raises(ValueError, match="normalizer"):
-        GPT(tiny(normalizer="softmax_plus_one"))
+        GPT(tiny(normalizer="no_such_normalizer"))
 
 
 def test_alibi_reaches_normalizer_as_slopes_and_kerple_as_bias():

@@ -398,3 +398,7 @@ register_normalizer(
     "sa_softmax_detached", _sa(True, True), "normalized SA-Softmax with no gradient through the row min/max",
     weights=_sa_weights(True, True),
 )
+
+# The peer methods (softmax+1, sigmoid, SSMax, softpick, stablemax) register themselves on import; importing them here
+# puts them in the registry whenever the registry is used.
+from . import peers as _peers  # noqa: E402, F401
