@@ -35,6 +35,7 @@ __all__ = [
     "load_latest",
     "prune",
     "set_aside_newer",
+    "atomic_write",
 ]
 
 log = logging.getLogger("sasoftmax.checkpoint")
@@ -59,7 +60,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(binary file)`` on a temporary file, fsync, ``os.replace`` and fsync of the
+    directory: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -96,10 +99,10 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
     digest, size = _sha256(path)
     manifest = json.dumps({"step": step, "size": size, "sha256": digest}).encode()
-    _atomic_write(path.with_name(path.name + ".json"), lambda f: f.write(manifest))
+    atomic_write(path.with_name(path.name + ".json"), lambda f: f.write(manifest))
     prune(directory, keep)
     return path
 

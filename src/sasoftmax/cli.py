@@ -1,4 +1,4 @@
-"""Command line: ``sasoftmax train | eval | compare | grad-demo`` (also ``python -m sasoftmax``).
+"""Command line: ``sasoftmax train | eval | compare | grad-demo | grid | report`` (also ``python -m sasoftmax``).
 
 * ``sasoftmax train --config configs/tiny_sa.toml --set lr=1e-3 --set model.normalizer=softmax [--resume]``
   (under ``torchrun --nproc_per_node=K`` it trains with DDP, or FSDP2 with ``--set fsdp=true``)
@@ -6,6 +6,9 @@
 * ``sasoftmax compare [--data PATH] [--out runs/compare] [--set max_steps=100]``: the main job (softmax vs
   SA-Softmax, tiny models, CPU friendly); ``scripts/main_job.py`` runs the same.
 * ``sasoftmax grad-demo``: gradient norms of a saturated attention row, softmax vs SA-Softmax.
+* ``sasoftmax grid configs/grid_tiny.toml [--out DIR] [--dry-run] [--only KEY=VALUE] [--shard I/N] [--set K=V]``:
+  train and evaluate every run of an experiment grid (:mod:`sasoftmax.grid`), skipping finished runs.
+* ``sasoftmax report GRID_DIR [--out DIR]``: tables and plots of a grid's results (:mod:`sasoftmax.report`).
 
 Configuration errors exit with status 2 and a one-line message naming the bad key or value.
 """
@@ -55,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--chunks", type=int, default=10, help="training slices (models alternate between slices)")
 
     sub.add_parser("grad-demo", help="gradient norm of a saturated row: softmax vs SA-Softmax")
+
+    g = sub.add_parser("grid", help="train + evaluate every run of an experiment grid (resumable, shardable)")
+    g.add_argument("grid_file", help="grid file (TOML or JSON): [base], [grid], [eval], out_dir")
+    g.add_argument("--out", help="grid output directory (default: the file's out_dir)")
+    g.add_argument("--dry-run", action="store_true", help="list the selected runs and their state; train nothing")
+    g.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="keep runs whose axis KEY has VALUE (repeat: same key = any of, different keys = all of)")
+    g.add_argument("--shard", metavar="I/N", help="run every N-th selected run starting at I (0-based)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the base config of every run, e.g. data.source=PATH")
+    g.add_argument("--quiet", action="store_true", help="no per-step training progress lines")
+
+    r = sub.add_parser("report", help="markdown report with tables and plots of a grid's results")
+    r.add_argument("grid_dir", help="grid output directory (holding runs/*/result.json)")
+    r.add_argument("--out", help="report directory (default: GRID_DIR/report)")
     return p
 
 
@@ -93,6 +111,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .evaluate import format_gradient_demo, gradient_demo
 
             print(format_gradient_demo(gradient_demo()))
+        elif args.command == "grid":
+            from .grid import load_grid, parse_shard, run_grid
+
+            shard = parse_shard(args.shard)
+            grid = load_grid(args.grid_file, out=args.out, overrides=args.overrides)
+            outcome = run_grid(grid, only=args.only, shard=shard, dry_run=args.dry_run, quiet=args.quiet)
+            if outcome["failed"]:
+                return 1
+        elif args.command == "report":
+            from .report import write_report
+
+            res = write_report(args.grid_dir, args.out)
+            print(f"wrote {res['report']} ({len(res['figures'])} figures)")
     except (ConfigError, CheckpointError, ValueError) as err:
         print(f"sasoftmax {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,121 @@
+"""Grid report: tables from synthetic results (mean over seeds, ratio to softmax), plots, diagnostics, CLI."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from sasoftmax.cli import main
+from sasoftmax.grid import SCHEMA_VERSION, write_json_atomic
+from sasoftmax.report import write_report
+
+# (normalizer, positional, seed) -> perplexity at lengths 16, 32, 64
+PPL = {
+    ("softmax", "alibi", 1): [10.0, 14.0, 30.0],
+    ("softmax", "alibi", 2): [12.0, 16.0, 34.0],
+    ("sa_softmax", "alibi", 1): [9.0, 12.0, 20.0],
+    ("sa_softmax", "alibi", 2): [10.0, 13.0, 22.0],
+    ("sa_softmax", "rope", 1): [11.0, 40.0, 300.0],
+}
+
+
+def _run_id(norm: str, pos: str, seed: int) -> str:
+    return f"normalizer={norm}__positional={pos}__seed={seed}"
+
+
+def _write_run(grid: Path, norm: str, pos: str, seed: int, ppls: list[float], diag: bool) -> str:
+    run_id = _run_id(norm, pos, seed)
+    run_dir = grid / "runs" / run_id
+    rows = [{"length": 16 * m, "windows": 4, "tokens": 64, "loss": 0.0, "ppl": p}
+            for m, p in zip((1, 2, 4), ppls, strict=True)]
+    config = {"model": {"preset": "tiny", "block_size": 16, "normalizer": norm, "positional": pos}, "seed": seed,
+              "max_steps": 20}
+    write_json_atomic(run_dir / "result.json", {
+        "schema": SCHEMA_VERSION, "run_id": run_id,
+        "axes": {"model.normalizer": norm, "model.positional": pos, "seed": seed},
+        "train_config": config, "train_length": 16, "eval_spec": {"multipliers": [1, 2, 4]}, "complete": True,
+        "summary": {"final_loss": 2.5, "val_loss": 2.75, "steps": 20, "elapsed_s": 1.5},
+        "eval": {"train_length": 16, "normalizer": norm, "positional": pos, "results": rows},
+        "platform": "test-machine", "finished": "2026-01-01T00:00:00+00:00",
+    })
+    lines = []
+    for step in range(1, 21):
+        lines.append({"step": step, "loss": 5.0 - 0.1 * step + 0.01 * seed, "lr": 1e-3, "grad_norm": 1.0})
+        if diag and step % 5 == 0:
+            lines.append({"step": step, "diag/score_grad_norm": step * 0.5 + seed, "diag/max_weight": 0.1 * step / 20,
+                          "diag/score_grad_norm/layer0": step * 0.25, "diag/score_grad_norm/layer1": step * 0.75})
+    lines.append({"step": 20, "val_loss": 2.75, "val_ppl": 15.6})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return run_id
+
+
+def _grid(tmp_path: Path, diag: bool = True) -> Path:
+    grid = tmp_path / "grid"
+    ids = [_write_run(grid, n, p, s, v, diag) for (n, p, s), v in PPL.items()]
+    pending = _run_id("softmax", "rope", 1)
+    inprogress = grid / "runs" / _run_id("softmax", "rope", 2)
+    inprogress.mkdir(parents=True)
+    (inprogress / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n{"step": 2, "loss": 3.9}\n{"step": 3, "lo')
+    write_json_atomic(grid / "grid.json", {"schema": SCHEMA_VERSION, "grid": {
+        "source": "configs/grid_test.toml", "axes": {"model.normalizer": ["softmax", "sa_softmax"],
+                                                     "model.positional": ["alibi", "rope"], "seed": [1, 2]},
+        "eval": {"multipliers": [1, 2, 4]}, "base": {"lr": 0.001}, "run_ids": [*ids, pending, inprogress.name]}})
+    return grid
+
+
+def test_report_tables_plots_and_diagnostics(tmp_path):
+    grid = _grid(tmp_path)
+    res = write_report(grid)
+    report = Path(res["report"])
+    assert report == grid / "report" / "report.md"
+    text = report.read_text()
+
+    # mean ± std over the two seeds of a cell, single values for one-run cells
+    std, std_long = statistics.stdev([10.0, 12.0]), statistics.stdev([30.0, 34.0])
+    assert f"| alibi | softmax | 2 | 11.000 ± {std:.3f} | 15.000 ± {std:.3f} | 32.000 ± {std_long:.3f} |" in text
+    assert "| rope | sa_softmax | 1 | 11.000 | 40.000 | 300.000 |" in text
+    # ratio of sa_softmax's mean to softmax's mean in the same cell; no ratio row for the cell without softmax
+    ratios = [9.5 / 11.0, 12.5 / 15.0, 21.0 / 32.0]
+    assert "| alibi | sa_softmax | " + " | ".join(f"{r:.3f}" for r in ratios) + " |" in text
+    assert "| rope | sa_softmax | 0." not in text
+
+    # environment, config, missing runs
+    assert "Generated " in text and "test-machine" in text and "configs/grid_test.toml" in text
+    assert "axis `model.positional`: alibi, rope" in text
+    assert f"`{_run_id('softmax', 'rope', 1)}`: not started" in text
+    assert f"`{_run_id('softmax', 'rope', 2)}`: in progress or interrupted (last logged step 2)" in text
+
+    # figures exist, are non-empty PNGs and are linked from the report
+    figures = [Path(p) for p in res["figures"]]
+    names = {p.name for p in figures}
+    assert {"train_loss_L16.png", "ppl_alibi_L16.png", "ppl_rope_L16.png", "diag_score_grad_norm.png",
+            "diag_max_weight.png", "diag_score_grad_norm_layers.png"} <= names
+    for p in figures:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
+        assert f"]({p.name})" in text
+
+    # diagnostics: discovered keys, first/last table, per-layer last values
+    assert "### `diag/score_grad_norm`" in text and "### `diag/max_weight`" in text
+    first, last = 5 * 0.5 + 1, 20 * 0.5 + 1
+    assert f"| {_run_id('softmax', 'alibi', 1)} | 5 | {first:.3f} | 20 | {last:.3f} |" in text
+    assert "### `diag/score_grad_norm` per layer" in text
+    assert f"| {_run_id('sa_softmax', 'rope', 1)} | 20 | 5.000 | 15.000 |" in text
+    assert "No `diag/` metrics" not in text
+
+
+def test_report_without_diagnostics_says_so(tmp_path):
+    grid = _grid(tmp_path, diag=False)
+    res = write_report(grid, tmp_path / "rep")
+    text = Path(res["report"]).read_text()
+    assert "No `diag/` metrics were found" in text
+    assert not any("diag_" in Path(p).name for p in res["figures"])
+
+
+def test_report_cli(tmp_path, capsys):
+    grid = _grid(tmp_path)
+    assert main(["report", str(grid), "--out", str(tmp_path / "r")]) == 0
+    assert "report.md" in capsys.readouterr().out
+    assert (tmp_path / "r" / "report.md").is_file()
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "not a grid directory" in capsys.readouterr().err
