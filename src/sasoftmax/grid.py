@@ -759,7 +759,9 @@ def _run_one(grid: Grid, run: GridRun, n: int, total: int, ranks: _Ranks, data: 
         write_json_atomic(run.run_dir / "result.json", _result(run, grid.eval, summary, evaluation, grid.source))
         (run.run_dir / "error.json").unlink(missing_ok=True)
         ppl = ", ".join(f"{r['length']}: {r['ppl']:.3f}" for r in evaluation["results"])
-        print(f"{prefix}: val loss {summary.get('val_loss')}, ppl {ppl}", file=stream, flush=True)
+        val = summary.get("val_loss")
+        val_text = f"{val:.4f}" if isinstance(val, float) else str(val)
+        print(f"{prefix}: val loss {val_text}, ppl {ppl}", file=stream, flush=True)
     outcome["evaluated"].append(run.run_id)
     ranks.barrier()
 
