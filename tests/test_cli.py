@@ -88,3 +88,29 @@ def test_main_job_script_runs_end_to_end(corpus, tmp_path):
     assert "Part 1" in res.stdout and "1024 (8x)" in res.stdout
     saved = json.loads((tmp_path / "o" / "comparison.json").read_text())
     assert saved["steps"] == 2 and set(saved["runs"]) == {"softmax", "sa_softmax"}
+
+
+def test_import_registers_a_user_normalizer(corpus, tmp_path, capsys, monkeypatch):
+    """``--import MODULE`` runs the user's registration before the command: a normalizer defined outside the
+    package trains through the CLI; a missing module is a clean error."""
+    (tmp_path / "my_norms.py").write_text(
+        "import torch\n"
+        "from sasoftmax.normalizers import register_normalizer, unregister_normalizer, list_normalizers\n"
+        "def half_softmax(s, visible, module=None):\n"
+        "    return 0.5 * torch.softmax(s.masked_fill(~visible, float('-inf')), -1).nan_to_num(0.0)\n"
+        "if 'test_half_softmax' in list_normalizers():\n"
+        "    unregister_normalizer('test_half_softmax')\n"
+        "register_normalizer('test_half_softmax', weights=half_softmax, description='test')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from sasoftmax.normalizers import unregister_normalizer
+
+    try:
+        args = ["--import", "my_norms", "train", "--quiet", *_sets(corpus, tmp_path), "--set",
+                "model.normalizer=test_half_softmax"]
+        assert main(args) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 6
+    finally:
+        unregister_normalizer("test_half_softmax")
+    assert main(["--import", "no_such_module_xyz", "grad-demo"]) == 2
+    assert "no_such_module_xyz" in capsys.readouterr().err

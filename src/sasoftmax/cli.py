@@ -10,12 +10,16 @@
   train and evaluate every run of an experiment grid (:mod:`sasoftmax.grid`), skipping finished runs.
 * ``sasoftmax report GRID_DIR [--out DIR]``: tables and plots of a grid's results (:mod:`sasoftmax.report`).
 
+``sasoftmax --import my_pkg.norms <command> ...`` imports a module first (e.g. one that registers a normalizer or a
+positional encoding), so registry entries defined outside the package work in every command.
+
 Configuration errors exit with status 2 and a one-line message naming the bad key or value.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -26,6 +30,9 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sasoftmax", description="Self-Adjust Softmax: training and evaluation tools")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this Python module first (repeatable), e.g. one that registers a normalizer or "
+                        "positional encoding with register_normalizer / register_positional")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a GPT (single process, or DDP/FSDP2 under torchrun)")
@@ -79,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            print(f"sasoftmax: error: --import {module}: {err}", file=sys.stderr)
+            return 2
     from .checkpoint import CheckpointError
     from .train import ConfigError
 
