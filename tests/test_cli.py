@@ -114,3 +114,17 @@ def test_import_registers_a_user_normalizer(corpus, tmp_path, capsys, monkeypatc
         unregister_normalizer("test_half_softmax")
     assert main(["--import", "no_such_module_xyz", "grad-demo"]) == 2
     assert "no_such_module_xyz" in capsys.readouterr().err
+
+
+def test_diagnose_checkpoint(corpus, tmp_path, capsys):
+    assert main(["train", "--quiet", *_sets(corpus, tmp_path)]) == 0
+    capsys.readouterr()
+    out_json = tmp_path / "diag.json"
+    assert main(["diagnose", "--ckpt", str(tmp_path / "run"), "--lengths", "16,48", "--windows", "2",
+                 "--out", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "L=16" in text and "L=48" in text and "score_grad_norm" in text
+    saved = json.loads(out_json.read_text())
+    assert [r["length"] for r in saved["results"]] == [16, 48] and saved["step"] == 6
+    assert all(r["windows"] == 2 and r["diag/score_grad_norm"] > 0 for r in saved["results"])
+    assert main(["diagnose", "--ckpt", str(tmp_path / "run"), "--windows", "0"]) == 2

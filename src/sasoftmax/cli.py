@@ -1,10 +1,13 @@
-"""Command line: ``sasoftmax train | eval | compare | grad-demo | grid | report`` (also ``python -m sasoftmax``).
+"""Command line: ``sasoftmax train | eval | diagnose | compare | grad-demo | grid | report``.
+
+The same commands run as ``python -m sasoftmax``.
 
 * ``sasoftmax train --config configs/tiny_sa.toml --set lr=1e-3 --set model.normalizer=softmax [--resume]``
   (under ``torchrun --nproc_per_node=K`` it trains with DDP, or FSDP2 with ``--set fsdp=true``)
 * ``sasoftmax eval --ckpt runs/tiny_sa [--lengths 128,256,512] [--tokens 16384] [--out file.json]``
 * ``sasoftmax compare [--data PATH] [--out runs/compare] [--set max_steps=100]``: the main job (softmax vs
   SA-Softmax, tiny models, CPU friendly); ``scripts/main_job.py`` runs the same.
+* ``sasoftmax diagnose --ckpt runs/tiny_sa [--lengths 128,512] [--windows 4]``: gradient diagnostics of a checkpoint.
 * ``sasoftmax grad-demo``: gradient norms of a saturated attention row, softmax vs SA-Softmax.
 * ``sasoftmax grid configs/grid_tiny.toml [--out DIR] [--dry-run] [--only KEY=VALUE] [--shard I/N] [--set K=V]``:
   train and evaluate every run of an experiment grid (:mod:`sasoftmax.grid`), skipping finished runs.
@@ -52,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--backend", default="auto", help="sa_attention backend for SA models (default auto)")
     e.add_argument("--out", help="JSON output path (default: <ckpt dir>/eval_step<N>.json)")
+
+    dg = sub.add_parser("diagnose", help="gradient diagnostics of a checkpoint at several lengths")
+    dg.add_argument("--ckpt", required=True, help="checkpoint file or run directory (newest loadable checkpoint)")
+    dg.add_argument("--lengths", help="comma-separated lengths (default: training length x1,x4,x16)")
+    dg.add_argument("--windows", type=int, default=4, help="validation windows per length (default 4)")
+    dg.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    dg.add_argument("--out", help="JSON output path (default: <ckpt dir>/diag_step<N>.json)")
 
     c = sub.add_parser("compare", help="main job: tiny softmax vs SA-Softmax, train + evaluate at 1x..8x length")
     c.add_argument("--data", default="stdlib", help="data source (default: the Python stdlib sources)")
@@ -114,6 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = [[r["length"], f"{r['length'] / res['train_length']:g}x", r["windows"], r["tokens"], r["loss"],
                      r["ppl"]] for r in res["results"]]
             print(format_table(["length", "x train", "windows", "tokens", "loss", "ppl"], rows))
+            print(f"saved {res['saved_to']}")
+        elif args.command == "diagnose":
+            from .diagnostics import METRICS
+            from .evaluate import diagnose_checkpoint, format_table
+
+            res = diagnose_checkpoint(args.ckpt, args.lengths, windows=args.windows, device=args.device,
+                                      out=args.out)
+            print(f"{res['checkpoint']} (step {res['step']}, {res['normalizer']}, {res['positional']}, "
+                  f"trained at length {res['train_length']}); mean over layers:")
+            rows = [[m, *(r.get(f"diag/{m}", "-") for r in res["results"])] for m in METRICS]
+            print(format_table(["metric", *(f"L={r['length']}" for r in res["results"])], rows))
             print(f"saved {res['saved_to']}")
         elif args.command == "compare":
             from .evaluate import run_comparison

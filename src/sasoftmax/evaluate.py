@@ -227,6 +227,52 @@ def format_gradient_demo(demo: dict[str, Any]) -> str:
     return format_table(headers, table)
 
 
+def diagnose_checkpoint(
+    ckpt: str | os.PathLike,
+    lengths: Sequence[int] | str | None = None,
+    *,
+    windows: int = 4,
+    device: str = "auto",
+    data: TokenData | None = None,
+    out: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Gradient diagnostics (:mod:`sasoftmax.diagnostics`) of a checkpoint at several sequence lengths.
+
+    For each length ``L``: ``windows`` validation windows of ``L + 1`` tokens spread over the split (as in
+    :func:`evaluate_model`), one forward+backward in float32 with explicit scores. Default lengths: training length
+    x1, x4, x16. Returns (and saves as JSON to ``out``, default ``<checkpoint dir>/diag_step<N>.json``)
+    ``{"checkpoint", "step", "normalizer", "positional", "train_length", "results": [{"length", "windows",
+    "diag/...": value, ...}]}``. Memory is O(L^2) per layer: keep lengths moderate."""
+    from .diagnostics import attention_diagnostics
+    from .model import GPT, GPTConfig
+
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+        raise ValueError(f"windows must be a positive int, got {windows!r}")
+    path, state = _load(ckpt)
+    gcfg = GPTConfig.from_dict(state["model_config"])
+    train_len = gcfg.block_size
+    lengths = parse_lengths(lengths) or [train_len * m for m in (1, 4, 16)]
+    if data is None:
+        data = load_token_data(TrainConfig.from_dict(state["train_config"]).data)
+    _check_lengths(lengths, len(data.val))
+    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) or device == "cuda" else "cpu")
+    model = GPT(gcfg)
+    model.load_state_dict(state["model"])
+    model.to(dev)
+    rows = []
+    for length in lengths:
+        w = torch.from_numpy(eval_windows(data.val, length, windows)).to(dev)
+        stats = attention_diagnostics(model, w[:, :-1], w[:, 1:])
+        rows.append({"length": length, "windows": len(w), **stats})
+    result = {"checkpoint": str(path), "step": int(state["step"]), "normalizer": gcfg.normalizer,
+              "positional": gcfg.positional, "train_length": train_len, "results": rows}
+    out_path = Path(out) if out is not None else path.parent / f"diag_step{int(state['step'])}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1))
+    result["saved_to"] = str(out_path)
+    return result
+
+
 # ------------------------------------------------------------------------------------------------ comparison job
 
 
