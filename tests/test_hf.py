@@ -345,3 +345,64 @@ def test_bf16_autocast_training_step():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     real = mask.bool()
     torch.testing.assert_close(out.logits.float()[real], want[real], rtol=0.1, atol=0.15)
+
+
+# ------------------------------------------------------------------------------------ registry normalizers (peers)
+PEERS = ["stablemax", "softmax_plus_one", "sigmoid", "softpick"]
+
+
+def _peer_reference_forward(weights_fn):
+    """Test-only float64 attention over explicit scores with a normalizer's weights function."""
+
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        k = key.double().repeat_interleave(groups, 1)
+        v = value.double().repeat_interleave(groups, 1)
+        s = torch.matmul(query.double(), k.transpose(-1, -2)) * scaling
+        tq, tk = s.shape[-2:]
+        if attention_mask is None:
+            visible = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq).expand(s.shape)
+        else:
+            visible = attention_mask[..., :tk].expand(s.shape)
+        w = weights_fn(s.masked_fill(~visible, 0.0), visible, None).masked_fill(~visible, 0.0)
+        return torch.matmul(w, v).to(query.dtype).transpose(1, 2).contiguous(), w.to(query.dtype)
+
+    return forward
+
+
+@pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_registry_peers_match_float64_reference(arch, peer):
+    from sasoftmax.normalizers import get_normalizer
+
+    assert sa_hf.register_from_registry(peer) == peer
+    ref_name = f"{peer}_ref64"
+    AttentionInterface.register(ref_name, _peer_reference_forward(get_normalizer(peer).weights))
+    AttentionMaskInterface.register(ref_name, sdpa_mask)
+    model = _model(arch, peer)
+    ids = _ids(2, 10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in the second sequence
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_attentions=True)
+        want = _twin(model, ref_name)(ids, attention_mask=mask, output_attentions=True)
+        plain = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, out.logits, rtol=1e-5, atol=1e-5)  # fused-call path == weights path
+    for w, w_ref in zip(out.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(out.attentions[0][1, :, :, :3] == 0)  # padded keys get no weight
+
+
+def test_registry_bridge_refuses_parametrized_and_unknown_normalizers():
+    with pytest.raises(ValueError, match="learnable parameters"):
+        sa_hf.register_from_registry("ssmax")
+    with pytest.raises(ValueError, match="unknown normalizer"):
+        sa_hf.register_from_registry("no_such_normalizer")
+    with pytest.raises(ValueError, match="built-in"):
+        sa_hf.register_from_registry("stablemax", name="sdpa")
+    model = _model("llama", "sdpa")
+    sa_hf.register_from_registry("stablemax", name="my_stablemax")
+    sa_hf.convert_model(model, "my_stablemax")
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(1, 8)).logits).all()

@@ -14,7 +14,9 @@ Names:
 
 * ``"sa_softmax"``: the paper's normalized form (``normalize=True``);
 * ``"sa_softmax_plain"``: ``x * softmax(x)`` (``normalize=False``);
-* :func:`register_variant` adds more (e.g. ``detach_range=True`` or a fixed backend).
+* :func:`register_variant` adds more (e.g. ``detach_range=True`` or a fixed backend);
+* :func:`register_from_registry` exposes any entry of :mod:`sasoftmax.normalizers` without learnable parameters
+  (the peers ``softmax_plus_one``, ``sigmoid``, ``softpick``, ``stablemax``, ...) under its registry name.
 
 Each name is registered together with transformers' SDPA mask builder, so the attention function receives a bool
 mask ``(B, 1, Tq, Tk)`` (True = attend) carrying padding, causality and sliding windows, or ``None`` when the mask is
@@ -40,6 +42,7 @@ __all__ = [
     "PLAIN",
     "register",
     "register_variant",
+    "register_from_registry",
     "registered_names",
     "convert_model",
     "sa_softmax_attention_forward",
@@ -111,25 +114,22 @@ def derive_scaling(module: torch.nn.Module, query: Tensor) -> float:
     return scale
 
 
-def _sa_forward(
+def _prepare_call(
     module: torch.nn.Module,
     query: Tensor,
     key: Tensor,
     value: Tensor,
     attention_mask: Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    *,
-    normalize: bool,
-    detach_range: bool,
-    eps: float,
-    backend: str,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
+    scaling: float | None,
+    kwargs: dict[str, Any],
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool, float, Tensor | None]:
+    """What every attention function of this module does with transformers' arguments: reject unsupported options,
+    derive the scale, resolve causality for a ``None`` mask, follow autocast, trim masks built for a longer cache.
+    Returns ``(query, key, value, attention_mask, causal, scaling, position_bias)``."""
     if kwargs.get("softcap") is not None:
-        raise ValueError("SA-Softmax attention does not support `softcap` (logit soft-capping); use `eager`")
+        raise ValueError("sasoftmax attention functions do not support `softcap` (logit soft-capping); use `eager`")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise ValueError("SA-Softmax attention does not support attention sinks (`s_aux`); use `eager`")
+        raise ValueError("sasoftmax attention functions do not support attention sinks (`s_aux`); use `eager`")
     if scaling is None:
         scaling = derive_scaling(module, query)
     is_causal = kwargs.get("is_causal")
@@ -158,7 +158,26 @@ def _sa_forward(
                     position_bias = position_bias[..., :tq]
     elif attention_mask.shape[-1] > tk:  # builders may size the mask for a longer (static) cache
         attention_mask = attention_mask[..., :tk]
+    return query, key, value, attention_mask, causal, scaling, position_bias
 
+
+def _sa_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    *,
+    normalize: bool,
+    detach_range: bool,
+    eps: float,
+    backend: str,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    query, key, value, attention_mask, causal, scaling, position_bias = _prepare_call(
+        module, query, key, value, attention_mask, scaling, kwargs)
     options = dict(
         is_causal=causal, scale=scaling, bias=position_bias, normalize=normalize, detach_range=detach_range,
         dropout_p=float(dropout), eps=eps,
@@ -245,6 +264,66 @@ def register_variant(
     return name
 
 
+def _make_registry_forward(normalizer: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    from ..normalizers import get_normalizer, materialized_attention
+
+    entry = get_normalizer(normalizer)
+
+    def forward(
+        module: torch.nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        query, key, value, attention_mask, causal, scaling, position_bias = _prepare_call(
+            module, query, key, value, attention_mask, scaling, kwargs)
+        options = dict(attn_mask=attention_mask, is_causal=causal, scale=scaling, bias=position_bias,
+                       dropout_p=float(dropout), module=None)
+        if _weights_requested(kwargs):
+            out, weights = materialized_attention(entry.weights, query, key, value, return_weights=True, **options)
+            weights = weights.to(query.dtype)
+        else:
+            out, weights = entry.fn(query, key, value, alibi_slopes=None, **options), None
+        return out.to(query.dtype).transpose(1, 2).contiguous(), weights
+
+    forward.__name__ = forward.__qualname__ = f"{normalizer}_attention_forward"
+    forward.__doc__ = (
+        f"transformers attention function for the sasoftmax normalizer `{normalizer}` ({entry.description}); "
+        "arguments and returns as for the SA functions of this module."
+    )
+    return forward
+
+
+def register_from_registry(normalizer: str, name: str | None = None) -> str:
+    """Register the :mod:`sasoftmax.normalizers` entry ``normalizer`` with transformers under ``name`` (default: the
+    normalizer's own name), with the SDPA mask builder; returns the name.
+
+    Entries with learnable parameters (``ssmax``) are refused: a transformers attention module has nowhere to keep
+    them. Peers run through their materialized weights (O(T^2) memory); attention weights are returned when
+    requested. ``ValueError`` for an unknown normalizer or a reserved name."""
+    from ..normalizers import get_normalizer
+
+    entry = get_normalizer(normalizer)
+    if entry.needs_params:
+        raise ValueError(
+            f"normalizer {normalizer!r} has learnable parameters (created by its init_params on sasoftmax's own "
+            "attention modules); it cannot be used as a transformers attention implementation"
+        )
+    if entry.weights is None:
+        raise ValueError(f"normalizer {normalizer!r} has no materialized `weights` function")
+    name = normalizer if name is None else name
+    if not isinstance(name, str) or not name or "/" in name or "|" in name or ":" in name:
+        raise ValueError(f"`name` must be a non-empty string without '/', '|' or ':' , got {name!r}")
+    if name in _RESERVED:
+        raise ValueError(f"`name`={name!r} is a built-in transformers attention implementation; choose another")
+    _install(name, _make_registry_forward(normalizer))
+    return name
+
+
 def registered_names() -> list[str]:
     """Names registered by this module in this process."""
     return list(_registered)
@@ -258,8 +337,8 @@ def convert_model(model: Any, normalizer: str = NORMALIZED) -> Any:
     register()
     if normalizer not in _registered:
         raise ValueError(
-            f"`normalizer`={normalizer!r} is not an SA attention implementation; expected one of {registered_names()} "
-            "(add more with register_variant)"
+            f"`normalizer`={normalizer!r} is not a registered attention implementation; expected one of "
+            f"{registered_names()} (add more with register_variant or register_from_registry)"
         )
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
