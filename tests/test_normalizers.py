@@ -293,3 +293,43 @@ def test_materialized_dropout_matches_sa_backends():
     b = sa_attention(q, k, v, is_causal=True, dropout_p=0.4, generator=torch.Generator().manual_seed(2),
                      backend="chunked")
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["sa_softmax", "ssmax", "softpick"])
+def test_materialized_row_blocks_equal_full_tensors(name, monkeypatch):
+    """Above MATERIALIZED_TILE_SCORES the materialized path works on query-row blocks (recomputed in the backward):
+    values and every gradient (q, k, v, bias, a normalizer parameter) equal the one-block computation, with a causal
+    + padding mask, ALiBi, GQA and dropout."""
+    import sasoftmax.normalizers as nz
+
+    entry = get_normalizer(name)
+    module = torch.nn.Module()
+    module.config = type("Cfg", (), {"block_size": 16})()
+    if entry.init_params is not None:
+        entry.init_params(module, 4)
+        module.double()
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 15, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 15, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 4, 13, 15, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(2, 1, 1, 15, dtype=torch.bool)
+    keep[0, ..., :4] = False
+    leaves = [q, k, v, bias, *module.parameters()]
+    results = []
+    for limit in (10**9, 2 * 4 * 15 * 3):  # one block; blocks of 3 rows
+        monkeypatch.setattr(nz, "MATERIALIZED_TILE_SCORES", limit)
+        for t in leaves:
+            t.grad = None
+        out = materialized_attention(entry.weights, q, k, v, attn_mask=keep, is_causal=True, bias=bias,
+                                     alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05]), dropout_p=0.25,
+                                     generator=torch.Generator().manual_seed(4), module=module)
+        out.backward(torch.sin(torch.arange(out.numel(), dtype=torch.float64)).view_as(out))
+        results.append([out.detach(), *(t.grad.clone() for t in leaves)])
+        with torch.no_grad():
+            again = materialized_attention(entry.weights, q, k, v, attn_mask=keep, is_causal=True, bias=bias,
+                                           alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05]), dropout_p=0.25,
+                                           generator=torch.Generator().manual_seed(4), module=module)
+        torch.testing.assert_close(again, out.detach(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

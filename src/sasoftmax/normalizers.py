@@ -47,12 +47,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .attention import sa_attention
 from .attention.dropout import draw_seed, keep_mask
 from .attention.inputs import MASKED_FLOAT_THRESHOLD, prepare
-from .attention.reference import expand_kv, scores
+from .attention.reference import expand_kv
 from .functional import sa_rows
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "list_normalizers",
     "softmax_attention",
     "materialized_attention",
+    "MATERIALIZED_TILE_SCORES",
     "masked_softmax",
     "alibi_bias",
     "causal_visibility",
@@ -221,6 +223,37 @@ def masked_softmax(s: Tensor, visible: Tensor | None, module: nn.Module | None =
     return e / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
+MATERIALIZED_TILE_SCORES = 1 << 24
+"""Above this many scores (``B * Hq * Nq * Nk``) :func:`materialized_attention` works on blocks of query rows of at
+most this many scores each (64 MiB of float32), recomputing each block in the backward, so its memory stays bounded
+at long lengths; with ``return_weights`` or ``on_scores`` it always builds the full tensors."""
+
+
+def _rows(weights: WeightsFn, inp, module: nn.Module | None, seed: int | None, kx: Tensor, vx: Tensor, i0: int,
+          i1: int, on_scores: Callable[[Tensor, Tensor | None], None] | None) -> tuple[Tensor, Tensor]:
+    """Output and applied weights of query rows ``[i0, i1)`` (``kx``, ``vx``: key/value heads already expanded)."""
+    cdt = inp.compute_dtype
+    s = torch.matmul(inp.q[:, :, i0:i1], kx.transpose(-1, -2)).to(cdt) * inp.scale
+    add = inp.additive(i0, i1, cdt)
+    if add is not None:
+        s = s + add
+    b = inp.bias_rows(i0, i1)
+    if b is not None:
+        s = s + b.to(cdt)
+    visible = inp.visible(i0, i1)
+    if visible is not None:
+        s = s.masked_fill(~visible, 0.0)  # finite everywhere, as the weights contract promises
+    if on_scores is not None:
+        on_scores(s, visible)
+    w = weights(s, visible, module)
+    if visible is not None:
+        w = w.masked_fill(~visible, 0.0)
+    if seed is not None:
+        keep = keep_mask(seed, inp.dropout_p, inp.batch, inp.heads, inp.nq, inp.nk, i0, i1, s.device)
+        w = w * keep / (1.0 - inp.dropout_p)
+    return torch.matmul(w.to(vx.dtype), vx), w
+
+
 def materialized_attention(
     weights: WeightsFn,
     q: Tensor,
@@ -238,32 +271,38 @@ def materialized_attention(
     return_weights: bool = False,
     on_scores: Callable[[Tensor, Tensor | None], None] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Attention with explicit ``(B, Hq, Nq, Nk)`` scores and weights ``w = weights(s, visible, module)``.
+    """Attention with explicit scores and weights ``w = weights(s, visible, module)``.
 
     Inputs are validated like :func:`sasoftmax.sa_attention` (shapes, GQA, mask conventions of the module
     docstring). Dropout uses the same counter-based mask as the SA backends (so for one seed every path drops the
-    same entries). ``on_scores(s, visible)``, if given, sees the score tensor before the weights are computed (the
-    gradient diagnostics use it to retain ``dL/ds``). Returns the output ``(B, Hq, Nq, Dv)`` in the dtype of ``v``,
-    and with ``return_weights`` also the weights applied to ``v`` (after masking and dropout) in the compute dtype.
-    Memory is O(Nq * Nk)."""
+    same entries). ``on_scores(s, visible)``, if given, sees the ``(B, Hq, Nq, Nk)`` score tensor before the weights
+    are computed (the gradient diagnostics use it to retain ``dL/ds``). Returns the output ``(B, Hq, Nq, Dv)`` in the
+    dtype of ``v``, and with ``return_weights`` also the weights applied to ``v`` (after masking and dropout) in the
+    compute dtype.
+
+    Memory: the full score and weight tensors, O(Nq * Nk), when weights are returned or scores observed, or when
+    the call has at most :data:`MATERIALIZED_TILE_SCORES` scores; otherwise blocks of query rows of that size, each
+    recomputed in the backward (``torch.utils.checkpoint``), so the activation memory stays O(Nq * D) plus one block.
+    """
     inp = prepare(q, k, v, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes,
                   dropout_p=dropout_p, generator=generator)
-    s = scores(inp)
-    visible = inp.visible(0, inp.nq)
-    if visible is not None:
-        s = s.masked_fill(~visible, 0.0)  # finite everywhere, as the weights contract promises
-    if on_scores is not None:
-        on_scores(s, visible)
-    w = weights(s, visible, module)
-    if visible is not None:
-        w = w.masked_fill(~visible, 0.0)
-    if inp.dropout_p > 0:
-        seed = draw_seed(inp.generator)
-        keep = keep_mask(seed, inp.dropout_p, inp.batch, inp.heads, inp.nq, inp.nk, 0, inp.nq, s.device)
-        w = w * keep / (1.0 - inp.dropout_p)
-    vv = expand_kv(inp.v, inp.groups)
-    out = torch.matmul(w.to(vv.dtype), vv)
-    return (out, w) if return_weights else out
+    seed = draw_seed(inp.generator) if inp.dropout_p > 0 else None
+    kx, vx = expand_kv(inp.k, inp.groups), expand_kv(inp.v, inp.groups)
+    per_row = max(1, inp.batch * inp.heads * inp.nk)
+    if return_weights or on_scores is not None or per_row * inp.nq <= MATERIALIZED_TILE_SCORES:
+        out, w = _rows(weights, inp, module, seed, kx, vx, 0, inp.nq, on_scores)
+        return (out, w) if return_weights else out
+    rows = max(1, MATERIALIZED_TILE_SCORES // per_row)
+    grad = torch.is_grad_enabled()
+    outs = []
+    for i0 in range(0, inp.nq, rows):
+        i1 = min(inp.nq, i0 + rows)
+
+        def block(i0: int = i0, i1: int = i1) -> Tensor:
+            return _rows(weights, inp, module, seed, kx, vx, i0, i1, None)[0]
+
+        outs.append(torch.utils.checkpoint.checkpoint(block, use_reentrant=False) if grad else block())
+    return torch.cat(outs, dim=2)
 
 
 def _materialized_fn(name: str, weights: WeightsFn) -> AttentionFn:
