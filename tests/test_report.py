@@ -6,6 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
+
 from sasoftmax.cli import main
 from sasoftmax.grid import SCHEMA_VERSION, write_json_atomic
 from sasoftmax.report import write_report
@@ -119,3 +121,17 @@ def test_report_cli(tmp_path, capsys):
     assert (tmp_path / "r" / "report.md").is_file()
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "not a grid directory" in capsys.readouterr().err
+
+
+def test_report_summary_plots(tmp_path, capsys):
+    """--plots summary: perplexity, loss and the main score-gradient figures only; every table is still there."""
+    grid = _grid(tmp_path)
+    assert main(["report", str(grid), "--out", str(tmp_path / "s"), "--plots", "summary"]) == 0
+    text = (tmp_path / "s" / "report.md").read_text()
+    pngs = {p.name for p in (tmp_path / "s").glob("*.png")}
+    assert {"train_loss_L16.png", "ppl_alibi_L16.png", "diag_score_grad_norm.png"} <= pngs
+    assert "diag_max_weight.png" not in pngs and not any(n.endswith("_layers.png") for n in pngs)
+    assert "### `diag/max_weight`" in text and "### `diag/score_grad_norm` per layer" in text
+    assert all(f"]({n})" in text for n in pngs) and "diag_max_weight.png" not in text
+    with pytest.raises(ValueError, match="plots"):
+        write_report(grid, plots="some")

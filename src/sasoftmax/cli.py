@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="markdown report with tables and plots of a grid's results")
     r.add_argument("grid_dir", help="grid output directory (holding runs/*/result.json)")
     r.add_argument("--out", help="report directory (default: GRID_DIR/report)")
+    r.add_argument("--plots", choices=["all", "summary"], default="all",
+                   help="summary: only perplexity, loss and the main score-gradient figures (tables are complete)")
     return p
 
 
@@ -156,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "report":
             from .report import write_report
 
-            res = write_report(args.grid_dir, args.out)
+            res = write_report(args.grid_dir, args.out, plots=args.plots)
             print(f"wrote {res['report']} ({len(res['figures'])} figures)")
     except (ConfigError, CheckpointError, ValueError) as err:
         print(f"sasoftmax {args.command}: error: {err}", file=sys.stderr)

@@ -491,7 +491,11 @@ def _diag_keys(runs: Sequence[RunData]) -> tuple[list[str], dict[str, set[int]]]
     return sorted(global_keys), dict(sorted(layered.items()))
 
 
-def _diag_section(data: GridData, out: Path, figures: list[Path]) -> list[str]:
+SUMMARY_DIAG_FIGURES = ("diag/score_grad_norm", "diag/score_grad_norm_saturated", "diag/saturated_frac")
+"""The diagnostics plotted with ``plots="summary"`` (every metric still gets its table)."""
+
+
+def _diag_section(data: GridData, out: Path, figures: list[Path], summary: bool = False) -> list[str]:
     lines = ["## Gradient diagnostics", ""]
     global_keys, layered = _diag_keys(data.runs)
     if not global_keys and not layered:
@@ -502,7 +506,7 @@ def _diag_section(data: GridData, out: Path, figures: list[Path]) -> list[str]:
     for key in global_keys:
         lines += [f"### `{key}`", ""]
         name = f"diag_{_slug(key[5:])}.png"
-        path = _plot_diag_steps(data.runs, key, out / name)
+        path = None if summary and key not in SUMMARY_DIAG_FIGURES else _plot_diag_steps(data.runs, key, out / name)
         if path is not None:
             figures.append(path)
             lines += [f"![{key} vs step]({name})", ""]
@@ -513,12 +517,12 @@ def _diag_section(data: GridData, out: Path, figures: list[Path]) -> list[str]:
                 rows.append([run.run_id, steps[0], vals[0], steps[-1], vals[-1]])
         lines += [_table(["run", "first step", "first value", "last step", "last value"], rows), ""]
     for metric, layers in layered.items():
-        lines += _layer_subsection(data.runs, metric, sorted(layers), out, figures)
+        lines += _layer_subsection(data.runs, metric, sorted(layers), out, figures, plot=not summary)
     return lines
 
 
 def _layer_subsection(runs: Sequence[RunData], metric: str, layers: list[int], out: Path,
-                      figures: list[Path]) -> list[str]:
+                      figures: list[Path], plot: bool = True) -> list[str]:
     last: dict[str, dict[int, float]] = {}
     step_of: dict[str, Any] = {}
     for run in runs:
@@ -532,7 +536,7 @@ def _layer_subsection(runs: Sequence[RunData], metric: str, layers: list[int], o
             last[run.run_id] = values
     lines = [f"### `diag/{metric}` per layer", ""]
     name = f"diag_{_slug(metric)}_layers.png"
-    path = _plot_diag_layers(last, metric, out / name)
+    path = _plot_diag_layers(last, metric, out / name) if plot else None
     if path is not None:
         figures.append(path)
         lines += [f"![diag/{metric} per layer]({name})", ""]
@@ -544,9 +548,15 @@ def _layer_subsection(runs: Sequence[RunData], metric: str, layers: list[int], o
 # ------------------------------------------------------------------------------------------------ entry point
 
 
-def write_report(grid_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> dict[str, Any]:
+def write_report(grid_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                 plots: str = "all") -> dict[str, Any]:
     """Write ``report.md`` and its PNG figures for the grid in ``grid_dir`` into ``out`` (default
-    ``<grid_dir>/report``). Returns ``{"report": path, "figures": [paths], "runs": n, "missing": [run ids]}``."""
+    ``<grid_dir>/report``). ``plots="summary"`` plots only perplexity, training loss and
+    :data:`SUMMARY_DIAG_FIGURES` (no per-layer figures; every table stays), for a report small enough to commit.
+    Returns ``{"report": path, "figures": [paths], "runs": n, "missing": [run ids]}``."""
+    if plots not in ("all", "summary"):
+        raise ValueError(f"`plots` must be 'all' or 'summary', got {plots!r}")
+    summary = plots == "summary"
     data = load_grid_dir(grid_dir)
     out_dir = Path(out) if out is not None else data.directory / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -555,7 +565,7 @@ def write_report(grid_dir: str | os.PathLike, out: str | os.PathLike | None = No
     lines += _ppl_section(data, out_dir, figures)
     if data.runs:
         lines += _loss_section(data, out_dir, figures)
-    lines += _diag_section(data, out_dir, figures)
+    lines += _diag_section(data, out_dir, figures, summary)
     report = out_dir / "report.md"
     tmp = report.with_name(f".{report.name}.tmp-{os.getpid()}")
     tmp.write_text("\n".join(lines).rstrip() + "\n")
