@@ -236,9 +236,11 @@ def test_torchrun_ddp_matches_single_process(corpus, tmp_path):
     single = tmp_path / "single"
     extra = {"max_steps": 12, "ckpt_interval": 6, "eval_interval": 6}
     train(load_config(None, _overrides(corpus, single, cache, batch_size=2, grad_accum=2, **extra)), quiet=True)
-    ddp = tmp_path / "ddp"
-    res = _torchrun(2, _sets(_overrides(corpus, ddp, cache, batch_size=2, grad_accum=1, **extra)))
+    ddp = tmp_path / "ddp"  # with gradient diagnostics on: they must neither hang DDP nor change training
+    res = _torchrun(2, _sets(_overrides(corpus, ddp, cache, batch_size=2, grad_accum=1, diag_interval=5, **extra)))
     assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (ddp / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "diag/score_grad_norm" in r] == [1, 5, 10]
     a, b = _losses(single), _losses(ddp)
     assert len(a) == len(b) == 12
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
@@ -268,8 +270,10 @@ def test_torchrun_fsdp2_constructs_and_trains_on_cpu(corpus, tmp_path):
     train(load_config(None, _overrides(corpus, tmp_path / "single", cache, batch_size=2, grad_accum=2, **extra)),
           quiet=True)
     run = tmp_path / "fsdp"
-    res = _torchrun(2, _sets(_overrides(corpus, run, cache, batch_size=2, fsdp="true", **extra)))
+    res = _torchrun(2, _sets(_overrides(corpus, run, cache, batch_size=2, fsdp="true", diag_interval=3, **extra)))
     assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "diag/score_grad_norm" in r] == [1, 3, 6]
     a, b = _losses(tmp_path / "single"), _losses(run)
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
     state = torch.load(run / "ckpt_000006.pt", weights_only=True)
