@@ -554,6 +554,10 @@ def _multiplier(result: dict[str, Any], row: dict[str, Any]) -> float:
 # ------------------------------------------------------------------------------------------------ running
 
 
+EVAL_BARRIER_TIMEOUT_S = 4 * 3600
+"""Collective timeout of the process group a grid creates under ``torchrun`` (rank 0 evaluates alone meanwhile)."""
+
+
 class _Ranks:
     """Process-group bookkeeping for ``torchrun``: rank 0 decides and writes, every rank trains."""
 
@@ -571,7 +575,9 @@ class _Ranks:
                 device = _device(base, _dist_from_env())
                 if device.type == "cuda":
                     torch.cuda.set_device(device)
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                # rank 0 evaluates each run while the others wait at a barrier: allow long evaluations
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                        timeout=datetime.timedelta(seconds=EVAL_BARRIER_TIMEOUT_S))
                 self.created = True
 
     @property
