@@ -228,3 +228,26 @@ def test_shipped_grid_files_load(name, runs, tmp_path):
     path = Path(__file__).resolve().parents[1] / "configs" / name
     grid = load_grid(path, out=tmp_path / "g", overrides=["data.source=stdlib"])
     assert len(select_runs(grid)) == runs
+
+
+def test_grid_under_torchrun(tmp_path):
+    """Two ranks: every rank trains (DDP), rank 0 alone writes the results; a second launch skips both runs."""
+    import os
+    import subprocess
+    import sys
+
+    path = _write_grid_file(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "sasoftmax",
+           "grid", str(path), "--quiet"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for run_id in ("normalizer=softmax", "normalizer=sa_softmax"):
+        res = json.loads((tmp_path / "out" / "runs" / run_id / "result.json").read_text())
+        assert res["summary"]["world_size"] == 2 and res["complete"] is True
+    assert json.loads((tmp_path / "out" / "grid.json").read_text())["missing"] == []
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "skip" in (second.stdout + second.stderr).lower()
