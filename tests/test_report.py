@@ -135,3 +135,20 @@ def test_report_summary_plots(tmp_path, capsys):
     assert all(f"]({n})" in text for n in pngs) and "diag_max_weight.png" not in text
     with pytest.raises(ValueError, match="plots"):
         write_report(grid, plots="some")
+
+
+def test_plot_style_colors_by_normalizer_and_short_labels(tmp_path):
+    from sasoftmax.report import _Style, load_grid_dir
+
+    runs = load_grid_dir(_grid(tmp_path)).runs
+    style = _Style(runs)
+    lines = {r.run_id: style.line(r) for r in runs}
+    for a in runs:
+        for b in runs:
+            same = lines[a.run_id]["color"] == lines[b.run_id]["color"]
+            assert same == (a.normalizer == b.normalizer)
+    # labels hold only what differs between runs (here normalizer, positional and seed) and are unique
+    labels = [v["label"] for v in lines.values()]
+    assert len(set(labels)) == len(labels) and all("__" not in lab for lab in labels)
+    one = [r for r in runs if r.positional == "alibi" and r.seed == 1]
+    assert sorted(_Style(one).line(r)["label"] for r in one) == sorted(r.normalizer for r in one)

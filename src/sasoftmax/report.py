@@ -216,8 +216,7 @@ def _figure(width: float = 7.0, height: float = 4.2):
 def _save(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fig.tight_layout()
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -248,19 +247,54 @@ def _series(run: RunData, key: str) -> tuple[list[float], list[float]]:
     return [r["step"] for r in rows], [float(r[key]) for r in rows]
 
 
+class _Style:
+    """Consistent plot styles for one report: a color per normalizer (the same in every figure), a line style per
+    run within a normalizer, and labels made of only the run attributes that differ between the runs."""
+
+    _STYLES = ("-", "--", ":", "-.")
+
+    def __init__(self, runs: Sequence[RunData]) -> None:
+        from matplotlib import colormaps
+
+        names = sorted({r.normalizer for r in runs}, key=_norm_order)
+        cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+        self.colors = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+        self.varying = [f for f in ("normalizer", "positional", "train_length", "variant", "seed")
+                        if len({str(getattr(r, f)) for r in runs}) > 1]
+        self.styles: dict[str, str] = {}
+        for name in names:
+            same = sorted((r for r in runs if r.normalizer == name), key=lambda r: r.run_id)
+            for i, r in enumerate(same):
+                self.styles[r.run_id] = self._STYLES[i % len(self._STYLES)]
+
+    def color(self, normalizer: str) -> Any:
+        return self.colors.get(normalizer)
+
+    def line(self, run: RunData) -> dict[str, Any]:
+        parts = []
+        for f in self.varying or ["normalizer"]:
+            value = getattr(run, f)
+            parts.append(str(value) if f in ("normalizer", "positional", "variant") else
+                         f"L={value}" if f == "train_length" else f"seed {value}")
+        return {"color": self.color(run.normalizer), "linestyle": self.styles.get(run.run_id, "-"),
+                "label": ", ".join(parts)}
+
+
 def _legend(ax, n: int) -> None:
-    if n:
-        ax.legend(fontsize=7 if n > 6 else 8, ncol=2 if n > 10 else 1)
+    if n > 4:  # beside the axes, so that it never hides curves
+        ax.legend(fontsize=7 if n > 8 else 8, ncol=2 if n > 16 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif n:
+        ax.legend(fontsize=8)
 
 
-def _plot_train_loss(runs: Sequence[RunData], train_length: int, out: Path) -> Path | None:
+def _plot_train_loss(runs: Sequence[RunData], train_length: int, out: Path, style: _Style) -> Path | None:
     fig, ax = _figure()
     n = 0
     for run in runs:
         steps, loss = _series(run, "loss")
         if steps:
             xs, ys = _thin(steps, _smooth(loss))
-            ax.plot(xs, ys, label=run.run_id, linewidth=1.2)
+            ax.plot(xs, ys, linewidth=1.2, **style.line(run))
             n += 1
     if not n:
         return None
@@ -270,7 +304,7 @@ def _plot_train_loss(runs: Sequence[RunData], train_length: int, out: Path) -> P
     return _save(fig, out)
 
 
-def _plot_ppl(cells: dict[str, list[RunData]], title: str, out: Path) -> Path | None:
+def _plot_ppl(cells: dict[str, list[RunData]], title: str, out: Path, style: _Style) -> Path | None:
     fig, ax = _figure()
     n = 0
     for norm, runs in cells.items():
@@ -282,7 +316,8 @@ def _plot_ppl(cells: dict[str, list[RunData]], title: str, out: Path) -> Path | 
             stds.append(std or 0.0)
         if lengths:
             label = f"{norm} (n={len(runs)})" if len(runs) > 1 else norm
-            ax.errorbar(lengths, means, yerr=stds if len(runs) > 1 else None, marker="o", capsize=3, label=label)
+            ax.errorbar(lengths, means, yerr=stds if len(runs) > 1 else None, marker="o", capsize=3, label=label,
+                        color=style.color(norm))
             n += 1
     if not n:
         return None
@@ -302,14 +337,14 @@ def _plot_ppl(cells: dict[str, list[RunData]], title: str, out: Path) -> Path | 
     return _save(fig, out)
 
 
-def _plot_diag_steps(runs: Sequence[RunData], key: str, out: Path) -> Path | None:
+def _plot_diag_steps(runs: Sequence[RunData], key: str, out: Path, style: _Style) -> Path | None:
     fig, ax = _figure()
     n = 0
     for run in runs:
         steps, vals = _series(run, key)
         if steps:
             xs, ys = _thin(steps, vals)
-            ax.plot(xs, ys, label=run.run_id, linewidth=1.2, marker="." if len(xs) < 50 else None)
+            ax.plot(xs, ys, linewidth=1.2, marker="." if len(xs) < 50 else None, **style.line(run))
             n += 1
     if not n:
         return None
@@ -323,13 +358,14 @@ def _plot_diag_steps(runs: Sequence[RunData], key: str, out: Path) -> Path | Non
     return _save(fig, out)
 
 
-def _plot_diag_layers(last: dict[str, dict[int, float]], metric: str, out: Path) -> Path | None:
+def _plot_diag_layers(last: dict[str, dict[int, float]], metric: str, out: Path, style: _Style,
+                      by_id: dict[str, RunData]) -> Path | None:
     fig, ax = _figure()
     n = 0
     for run_id, by_layer in last.items():
         if by_layer:
             layers = sorted(by_layer)
-            ax.plot(layers, [by_layer[i] for i in layers], marker="o", label=run_id)
+            ax.plot(layers, [by_layer[i] for i in layers], marker="o", **style.line(by_id[run_id]))
             n += 1
     if not n:
         return None
@@ -435,7 +471,7 @@ def _ppl_section(data: GridData, out: Path, figures: list[Path]) -> list[str]:
         else:
             lines += ["No ratios to softmax: no cell at this training length has both softmax and another "
                       "normalizer.", ""]
-        lines += _ppl_figures(group, train_length, out, figures)
+        lines += _ppl_figures(group, train_length, out, figures, _Style(data.runs))
     return lines
 
 
@@ -447,13 +483,13 @@ def _ratio(runs: Sequence[RunData], base: Sequence[RunData], length: int) -> str
     return _num(statistics.fmean(a) / statistics.fmean(b))
 
 
-def _ppl_figures(group: dict, train_length: int, out: Path, figures: list[Path]) -> list[str]:
+def _ppl_figures(group: dict, train_length: int, out: Path, figures: list[Path], style: _Style) -> list[str]:
     lines = []
     for pos, variant in sorted({(k[1], k[2]) for k in group}):
         by_norm = {k[3]: v for k, v in group.items() if k[1] == pos and k[2] == variant}
         name = f"ppl_{_slug(pos)}_L{train_length}" + (f"_{_slug(variant)}" if variant else "") + ".png"
         title = f"{pos}, trained at {train_length}" + (f", {variant}" if variant else "")
-        path = _plot_ppl(by_norm, title, out / name)
+        path = _plot_ppl(by_norm, title, out / name, style)
         if path is not None:
             figures.append(path)
             lines += [f"![validation perplexity, {title}]({name})", ""]
@@ -465,7 +501,7 @@ def _loss_section(data: GridData, out: Path, figures: list[Path]) -> list[str]:
     for train_length in sorted({r.train_length for r in data.runs}):
         runs = [r for r in data.runs if r.train_length == train_length]
         name = f"train_loss_L{train_length}.png"
-        path = _plot_train_loss(runs, train_length, out / name)
+        path = _plot_train_loss(runs, train_length, out / name, _Style(data.runs))
         if path is not None:
             figures.append(path)
             lines += [f"![training loss, train length {train_length}]({name})", ""]
@@ -506,7 +542,8 @@ def _diag_section(data: GridData, out: Path, figures: list[Path], summary: bool 
     for key in global_keys:
         lines += [f"### `{key}`", ""]
         name = f"diag_{_slug(key[5:])}.png"
-        path = None if summary and key not in SUMMARY_DIAG_FIGURES else _plot_diag_steps(data.runs, key, out / name)
+        plot = not summary or key in SUMMARY_DIAG_FIGURES
+        path = _plot_diag_steps(data.runs, key, out / name, _Style(data.runs)) if plot else None
         if path is not None:
             figures.append(path)
             lines += [f"![{key} vs step]({name})", ""]
@@ -536,7 +573,8 @@ def _layer_subsection(runs: Sequence[RunData], metric: str, layers: list[int], o
             last[run.run_id] = values
     lines = [f"### `diag/{metric}` per layer", ""]
     name = f"diag_{_slug(metric)}_layers.png"
-    path = _plot_diag_layers(last, metric, out / name) if plot else None
+    by_id = {r.run_id: r for r in runs}
+    path = _plot_diag_layers(last, metric, out / name, _Style(runs), by_id) if plot else None
     if path is not None:
         figures.append(path)
         lines += [f"![diag/{metric} per layer]({name})", ""]
