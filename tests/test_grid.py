@@ -223,7 +223,9 @@ def test_diverging_run_gets_error_json_and_the_grid_goes_on(tmp_path, monkeypatc
     assert run_grid(load_grid(path), dry_run=True)["states"]["normalizer=softmax"] == "failed"
 
 
-@pytest.mark.parametrize("name,runs", [("grid_tiny.toml", 12), ("grid_peers_tiny.toml", 9), ("grid_paper125m.toml", 20)])
+@pytest.mark.parametrize(
+    "name,runs", [("grid_tiny.toml", 12), ("grid_peers_tiny.toml", 9), ("grid_paper125m.toml", 20)]
+)
 def test_shipped_grid_files_load(name, runs, tmp_path):
     path = Path(__file__).resolve().parents[1] / "configs" / name
     grid = load_grid(path, out=tmp_path / "g", overrides=["data.source=stdlib"])
