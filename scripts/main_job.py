@@ -5,7 +5,8 @@ training length, after a numerical gradient demo. Same as ``sasoftmax compare``.
     python scripts/main_job.py [--data PATH] [--out runs/compare] [--set max_steps=300]
 
 Defaults: the Python standard library sources as corpus (no download), byte-level BPE 4096, 2 layers x 128 wide,
-ALiBi, 600 steps of 16 x 128 tokens per model in bfloat16 autocast; sized to finish in under 10 minutes on 2 cores.
+ALiBi, 1000 steps of 16 x 128 tokens per model in bfloat16 autocast, within a 540 s budget (``--budget``);
+``--normalizers a,b,c`` compares other registry entries.
 """
 
 import sys

@@ -131,3 +131,25 @@ def test_comparison_job_budget_stops_all_models_at_the_same_step(tmp_path):
     assert out["steps"] == 3 and "stop at step 3 of 9" in out["stopped_early"]
     assert {r["train"]["steps"] for r in out["runs"].values()} == {3}
     assert "note: time budget" in buf.getvalue()
+
+
+def test_comparison_of_three_normalizers_and_bad_names(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    sets = ["data.tokenizer=bytes", "data.doc_chars=4000", f"data.cache_dir={tmp_path / 'cache'}", "max_steps=2",
+            "model.n_layer=1", "model.n_embd=32", "model.block_size=16", "batch_size=2", "eval_batches=1"]
+    buf = io.StringIO()
+    out = run_comparison(tmp_path / "out", data_source=str(corpus), overrides=sets, tokens_per_length=64,
+                         budget_s=0, chunks=1, multipliers=(1, 2), normalizers=["softmax", "sa_softmax", "stablemax"],
+                         stream=buf)
+    text = buf.getvalue()
+    assert "sa_softmax/softmax" in text and "stablemax/softmax" in text
+    assert set(out["runs"]) == {"softmax", "sa_softmax", "stablemax"}
+    ppl = {n: out["runs"][n]["eval"]["results"][1]["ppl"] for n in out["runs"]}
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert md.startswith("# softmax vs sa_softmax vs stablemax")
+    assert f"{ppl['stablemax'] / ppl['softmax']:.3f}" in md
+    with pytest.raises(ValueError, match="unknown normalizer"):
+        run_comparison(tmp_path / "bad", data_source=str(corpus), overrides=sets, normalizers=["softmax", "nope_x"])
+    with pytest.raises(ValueError, match="distinct"):
+        run_comparison(tmp_path / "bad", data_source=str(corpus), overrides=sets, normalizers=["softmax", "softmax"])

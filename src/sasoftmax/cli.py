@@ -5,8 +5,8 @@ The same commands run as ``python -m sasoftmax``.
 * ``sasoftmax train --config configs/tiny_sa.toml --set lr=1e-3 --set model.normalizer=softmax [--resume]``
   (under ``torchrun --nproc_per_node=K`` it trains with DDP, or FSDP2 with ``--set fsdp=true``)
 * ``sasoftmax eval --ckpt runs/tiny_sa [--lengths 128,256,512] [--tokens 16384] [--out file.json]``
-* ``sasoftmax compare [--data PATH] [--out runs/compare] [--set max_steps=100]``: the main job (softmax vs
-  SA-Softmax, tiny models, CPU friendly); ``scripts/main_job.py`` runs the same.
+* ``sasoftmax compare [--data PATH] [--out runs/compare] [--set max_steps=100] [--normalizers a,b]``: the main job
+  (softmax vs SA-Softmax, or any normalizers; tiny models, CPU friendly); ``scripts/main_job.py`` runs the same.
 * ``sasoftmax diagnose --ckpt runs/tiny_sa [--lengths 128,512] [--windows 4]``: gradient diagnostics of a checkpoint.
 * ``sasoftmax grad-demo``: gradient norms of a saturated attention row, softmax vs SA-Softmax.
 * ``sasoftmax grid configs/grid_tiny.toml [--out DIR] [--dry-run] [--only KEY=VALUE] [--shard I/N] [--set K=V]``:
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-clock budget in seconds for the whole job (default 540), checked between training "
                         "slices: when the next slice would not fit, both models stop at the same step; 0 = no limit")
     c.add_argument("--chunks", type=int, default=10, help="training slices (models alternate between slices)")
+    c.add_argument("--normalizers", default="softmax,sa_softmax",
+                   help="comma-separated normalizers to compare (default softmax,sa_softmax); the first is the "
+                        "baseline of the ratio columns")
 
     sub.add_parser("grad-demo", help="gradient norm of a saturated row: softmax vs SA-Softmax")
 
@@ -142,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .evaluate import run_comparison
 
             run_comparison(args.out, data_source=args.data, overrides=args.overrides, tokens_per_length=args.tokens,
-                           budget_s=args.budget, chunks=args.chunks)
+                           budget_s=args.budget, chunks=args.chunks,
+                           normalizers=[n.strip() for n in args.normalizers.split(",") if n.strip()])
         elif args.command == "grad-demo":
             from .evaluate import format_gradient_demo, gradient_demo
 

@@ -31,6 +31,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, load_latest
 from .data import DataConfig, TokenData, eval_windows, load_token_data
+from .normalizers import get_normalizer
 from .train import DTYPES, TrainConfig, apply_overrides, train
 
 __all__ = ["evaluate_checkpoint", "evaluate_model", "format_table", "gradient_demo", "run_comparison",
@@ -371,6 +372,11 @@ def run_comparison(
     base.validate()
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
+    normalizers = list(normalizers)
+    if not normalizers or len(set(normalizers)) != len(normalizers):
+        raise ValueError(f"normalizers must be a non-empty list of distinct names, got {normalizers}")
+    for name in normalizers:
+        get_normalizer(name)  # ValueError listing the known names
     say(f"== Part 2: training tiny models on {base.data.source!r} ==")
     data = load_token_data(base.data)
     say(f"data: {len(data.train):,} training / {len(data.val):,} validation tokens, vocab {data.vocab_size}, "
@@ -421,16 +427,11 @@ def run_comparison(
         runs[norm] = {"train": summary, "eval": result}
 
     train_len = base.model["block_size"]
-    headers = ["length", *(f"{n} ppl" for n in normalizers)]
-    if len(normalizers) == 2:
-        headers.append(f"{normalizers[1]}/{normalizers[0]}")
+    headers = ["length", *(f"{n} ppl" for n in normalizers), *(f"{n}/{normalizers[0]}" for n in normalizers[1:])]
     table = []
     for i, m in enumerate(multipliers):
         ppls = [runs[n]["eval"]["results"][i]["ppl"] for n in normalizers]
-        row = [f"{train_len * m} ({m}x)", *ppls]
-        if len(normalizers) == 2:
-            row.append(ppls[1] / ppls[0])
-        table.append(row)
+        table.append([f"{train_len * m} ({m}x)", *ppls, *(p / ppls[0] for p in ppls[1:])])
     final_rows = [["steps", *(runs[n]["train"]["steps"] for n in normalizers)],
                   ["final train loss", *(runs[n]["train"]["final_loss"] for n in normalizers)],
                   ["final val loss", *(runs[n]["train"]["val_loss"] for n in normalizers)],
@@ -462,7 +463,8 @@ def run_comparison(
     payload = {"info": info, "config": base.to_dict(), "gradient_demo": demo, "multipliers": list(multipliers),
                "steps": done, "stopped_early": stopped_early, "runs": runs, "diagnostics": diags}
     (out / "comparison.json").write_text(json.dumps(payload, indent=1))
-    md = [f"# softmax vs SA-Softmax (tiny GPT, {base.data.source}, positional {base.model.get('positional')})", "",
+    title = " vs ".join(normalizers) if list(normalizers) != ["softmax", "sa_softmax"] else "softmax vs SA-Softmax"
+    md = [f"# {title} (tiny GPT, {base.data.source}, positional {base.model.get('positional')})", "",
           f"{info['date']}, {info['machine']}, torch {info['torch']}, {info['threads']} threads, "
           f"{elapsed:.0f} s total.", "",
           "## Gradient of a saturated row (Frobenius norm of d weights / d scores)", "",
