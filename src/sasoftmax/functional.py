@@ -16,12 +16,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sa_softmax", "sa_rows", "compute_dtype"]
+__all__ = ["sa_softmax", "sa_rows", "softmax_rows", "compute_dtype"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the row math runs in for inputs of ``dtype``: float64 stays, everything else is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def softmax_rows(s: Tensor, visible: Tensor | None) -> Tensor:
+    """Softmax along the last dim of ``s`` over the ``visible`` entries (bool, broadcastable, True = take part; None =
+    all): masked entries and rows with no visible entry are exactly 0, never NaN. Shifted by the detached row max."""
+    s_inf = s if visible is None else s.masked_fill(~visible, float("-inf"))
+    row_max = s_inf.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    e = torch.exp(s_inf - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
 def sa_rows(
@@ -39,16 +50,8 @@ def sa_rows(
     """
     if s.shape[-1] == 0:
         return s.clone()
-    if visible is not None:
-        s_inf = s.masked_fill(~visible, float("-inf"))
-        s_zero = s.masked_fill(~visible, 0.0)  # never multiply -inf by 0
-    else:
-        s_inf = s_zero = s
-    row_max = s_inf.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    e = torch.exp(s_inf - row_max)
-    denom = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    s_zero = s if visible is None else s.masked_fill(~visible, 0.0)  # never multiply -inf by 0
+    p = softmax_rows(s, visible)
     if not normalize:
         return s_zero * p
     # min/max over visible entries, clipped at 0; masked entries read as 0 in s_zero, which the clip makes harmless.

@@ -54,7 +54,7 @@ from .attention import sa_attention
 from .attention.dropout import draw_seed, keep_mask
 from .attention.inputs import MASKED_FLOAT_THRESHOLD, prepare
 from .attention.reference import expand_kv
-from .functional import sa_rows
+from .functional import sa_rows, softmax_rows
 
 __all__ = [
     "Normalizer",
@@ -215,12 +215,7 @@ def masked_softmax(s: Tensor, visible: Tensor | None, module: nn.Module | None =
     del module
     if visible is None:
         return torch.softmax(s, dim=-1)
-    s_inf = s.masked_fill(~visible, float("-inf"))
-    m = s_inf.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    e = torch.exp(s_inf - m)
-    denom = e.sum(dim=-1, keepdim=True)
-    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return softmax_rows(s, visible)
 
 
 MATERIALIZED_TILE_SCORES = 1 << 24
