@@ -161,37 +161,20 @@ def _prepare_call(
     return query, key, value, attention_mask, causal, scaling, position_bias
 
 
-def _sa_forward(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    *,
-    normalize: bool,
-    detach_range: bool,
-    eps: float,
-    backend: str,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    query, key, value, attention_mask, causal, scaling, position_bias = _prepare_call(
-        module, query, key, value, attention_mask, scaling, kwargs)
-    options = dict(
-        is_causal=causal, scale=scaling, bias=position_bias, normalize=normalize, detach_range=detach_range,
-        dropout_p=float(dropout), eps=eps,
-    )
-    if _weights_requested(kwargs):
-        out, weights = sa_attention_with_weights(query, key, value, attention_mask, **options)
-    else:
-        out, weights = sa_attention(query, key, value, attention_mask, backend=backend, **options), None
-    return out.transpose(1, 2).contiguous(), weights
+_CALL_DOC = (
+    "query ``(B, Hq, Tq, D)``, key/value ``(B, Hkv, Tk, D)`` (grouped-query heads not repeated), attention_mask "
+    "bool ``(B, 1, Tq, Tk)`` (True = attend), an additive float mask (``finfo.min`` = masked) or None (purely "
+    "causal when ``module.is_causal`` and Tq > 1). Returns ``(output (B, Tq, Hq, D), weights (B, Hq, Tq, Tk) "
+    "or None)``; weights only when attention outputs are requested."
+)
+Attend = Callable[..., tuple[Tensor, Tensor | None]]
 
 
-def _make_forward(
-    name: str, *, normalize: bool, detach_range: bool, eps: float, backend: str
-) -> Callable[..., tuple[Tensor, Tensor | None]]:
+def _make_forward(name: str, attend: Attend, summary: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    """A transformers attention function: transformers' arguments through :func:`_prepare_call`, then
+    ``attend(query, key, value, attention_mask, is_causal=, scale=, bias=, dropout_p=, with_weights=)`` ->
+    ``(output (B, Hq, Tq, D), weights or None)``, returned in transformers' ``(B, Tq, Hq, D)`` layout."""
+
     def forward(
         module: torch.nn.Module,
         query: Tensor,
@@ -202,26 +185,47 @@ def _make_forward(
         scaling: float | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
-        return _sa_forward(
-            module, query, key, value, attention_mask, dropout, scaling,
-            normalize=normalize, detach_range=detach_range, eps=eps, backend=backend, **kwargs,
-        )
+        query, key, value, attention_mask, causal, scaling, position_bias = _prepare_call(
+            module, query, key, value, attention_mask, scaling, kwargs)
+        out, weights = attend(query, key, value, attention_mask, is_causal=causal, scale=scaling, bias=position_bias,
+                              dropout_p=float(dropout), with_weights=_weights_requested(kwargs))
+        return out.to(query.dtype).transpose(1, 2).contiguous(), weights
 
     forward.__name__ = forward.__qualname__ = f"{name}_attention_forward"
-    forward.__doc__ = (
-        f"transformers attention function `{name}` (normalize={normalize}, detach_range={detach_range}, "
-        f"eps={eps}, backend={backend!r}).\n\n"
-        "query ``(B, Hq, Tq, D)``, key/value ``(B, Hkv, Tk, D)`` (grouped-query heads not repeated), attention_mask "
-        "bool ``(B, 1, Tq, Tk)`` (True = attend), an additive float mask (``finfo.min`` = masked) or None (purely "
-        "causal when ``module.is_causal`` and Tq > 1). Returns ``(output (B, Tq, Hq, D), weights (B, Hq, Tq, Tk) "
-        "or None)``; weights only when attention outputs are requested."
-    )
+    forward.__doc__ = f"{summary}\n\n{_CALL_DOC}"
     return forward
 
 
+def _sa_attend(*, normalize: bool, detach_range: bool, eps: float, backend: str) -> Attend:
+    def attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, *, with_weights: bool,
+               **options: Any) -> tuple[Tensor, Tensor | None]:
+        options.update(normalize=normalize, detach_range=detach_range, eps=eps)
+        if with_weights:
+            return sa_attention_with_weights(query, key, value, attention_mask, **options)
+        return sa_attention(query, key, value, attention_mask, backend=backend, **options), None
+
+    return attend
+
+
+def _make_sa_forward(
+    name: str, *, normalize: bool, detach_range: bool, eps: float, backend: str
+) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    summary = (f"transformers attention function `{name}` (normalize={normalize}, detach_range={detach_range}, "
+               f"eps={eps}, backend={backend!r}).")
+    return _make_forward(name, _sa_attend(normalize=normalize, detach_range=detach_range, eps=eps, backend=backend),
+                         summary)
+
+
 _DEFAULTS: dict[str, Any] = dict(detach_range=False, eps=1e-10, backend="auto")
-sa_softmax_attention_forward = _make_forward(NORMALIZED, normalize=True, **_DEFAULTS)
-sa_softmax_plain_attention_forward = _make_forward(PLAIN, normalize=False, **_DEFAULTS)
+sa_softmax_attention_forward = _make_sa_forward(NORMALIZED, normalize=True, **_DEFAULTS)
+sa_softmax_plain_attention_forward = _make_sa_forward(PLAIN, normalize=False, **_DEFAULTS)
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or "/" in name or "|" in name or ":" in name:
+        raise ValueError(f"`name` must be a non-empty string without '/', '|' or ':' , got {name!r}")
+    if name in _RESERVED:
+        raise ValueError(f"`name`={name!r} is a built-in transformers attention implementation; choose another")
 
 
 def _install(name: str, fn: Callable[..., tuple[Tensor, Tensor | None]]) -> None:
@@ -249,53 +253,32 @@ def register_variant(
 ) -> str:
     """Register one more SA attention implementation under ``name`` (e.g. ``"sa_softmax_detached"`` with
     ``detach_range=True``, or a fixed ``backend``). Returns ``name``. Re-registering a name replaces it."""
-    if not isinstance(name, str) or not name or "/" in name or "|" in name or ":" in name:
-        raise ValueError(f"`name` must be a non-empty string without '/', '|' or ':' , got {name!r}")
-    if name in _RESERVED:
-        raise ValueError(f"`name`={name!r} is a built-in transformers attention implementation; choose another")
+    _check_name(name)
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"`eps` must be a number >= 0, got {eps!r}")
     from ..attention import available_backends
 
     if backend not in available_backends():
         raise ValueError(f"unknown `backend`={backend!r}; expected one of {available_backends()}")
-    _install(name, _make_forward(name, normalize=bool(normalize), detach_range=bool(detach_range), eps=float(eps),
-                                 backend=backend))
+    _install(name, _make_sa_forward(name, normalize=bool(normalize), detach_range=bool(detach_range),
+                                    eps=float(eps), backend=backend))
     return name
 
 
-def _make_registry_forward(normalizer: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+def _registry_attend(normalizer: str) -> Attend:
     from ..normalizers import get_normalizer, materialized_attention
 
     entry = get_normalizer(normalizer)
 
-    def forward(
-        module: torch.nn.Module,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        attention_mask: Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        **kwargs: Any,
-    ) -> tuple[Tensor, Tensor | None]:
-        query, key, value, attention_mask, causal, scaling, position_bias = _prepare_call(
-            module, query, key, value, attention_mask, scaling, kwargs)
-        options = dict(attn_mask=attention_mask, is_causal=causal, scale=scaling, bias=position_bias,
-                       dropout_p=float(dropout), module=None)
-        if _weights_requested(kwargs):
-            out, weights = materialized_attention(entry.weights, query, key, value, return_weights=True, **options)
-            weights = weights.to(query.dtype)
-        else:
-            out, weights = entry.fn(query, key, value, alibi_slopes=None, **options), None
-        return out.to(query.dtype).transpose(1, 2).contiguous(), weights
+    def attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, *, with_weights: bool,
+               **options: Any) -> tuple[Tensor, Tensor | None]:
+        if with_weights:
+            out, weights = materialized_attention(entry.weights, query, key, value, attn_mask=attention_mask,
+                                                  return_weights=True, **options)
+            return out, weights.to(query.dtype)
+        return entry.fn(query, key, value, attn_mask=attention_mask, alibi_slopes=None, module=None, **options), None
 
-    forward.__name__ = forward.__qualname__ = f"{normalizer}_attention_forward"
-    forward.__doc__ = (
-        f"transformers attention function for the sasoftmax normalizer `{normalizer}` ({entry.description}); "
-        "arguments and returns as for the SA functions of this module."
-    )
-    return forward
+    return attend
 
 
 def register_from_registry(normalizer: str, name: str | None = None) -> str:
@@ -316,11 +299,9 @@ def register_from_registry(normalizer: str, name: str | None = None) -> str:
     if entry.weights is None:
         raise ValueError(f"normalizer {normalizer!r} has no materialized `weights` function")
     name = normalizer if name is None else name
-    if not isinstance(name, str) or not name or "/" in name or "|" in name or ":" in name:
-        raise ValueError(f"`name` must be a non-empty string without '/', '|' or ':' , got {name!r}")
-    if name in _RESERVED:
-        raise ValueError(f"`name`={name!r} is a built-in transformers attention implementation; choose another")
-    _install(name, _make_registry_forward(normalizer))
+    _check_name(name)
+    summary = f"transformers attention function for the sasoftmax normalizer `{normalizer}` ({entry.description})."
+    _install(name, _make_forward(name, _registry_attend(normalizer), summary))
     return name
 
 
