@@ -94,11 +94,18 @@ def test_gradient_demo_shows_softmax_saturation():
     assert rows["sa_normalized_detached"][1] > 1e3 * rows["softmax"][1]
 
 
-def test_comparison_job_end_to_end(tmp_path):
+def _compare_setup(tmp_path, max_steps: int):
+    """A small corpus and the --set overrides of a tiny, fast comparison job."""
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)
-    sets = ["data.tokenizer=bytes", "data.doc_chars=4000", f"data.cache_dir={tmp_path / 'cache'}", "max_steps=8",
-            "model.n_layer=1", "model.n_embd=32", "model.block_size=16", "batch_size=2", "eval_batches=1"]
+    sets = ["data.tokenizer=bytes", "data.doc_chars=4000", f"data.cache_dir={tmp_path / 'cache'}",
+            f"max_steps={max_steps}", "model.n_layer=1", "model.n_embd=32", "model.block_size=16", "batch_size=2",
+            "eval_batches=1"]
+    return corpus, sets
+
+
+def test_comparison_job_end_to_end(tmp_path):
+    corpus, sets = _compare_setup(tmp_path, max_steps=8)
     buf = io.StringIO()
     out = run_comparison(tmp_path / "out", data_source=str(corpus), overrides=sets, tokens_per_length=256,
                          budget_s=0, chunks=2, stream=buf)
@@ -121,10 +128,7 @@ def test_comparison_job_end_to_end(tmp_path):
 
 
 def test_comparison_job_budget_stops_all_models_at_the_same_step(tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(TEXT)
-    sets = ["data.tokenizer=bytes", "data.doc_chars=4000", f"data.cache_dir={tmp_path / 'cache'}", "max_steps=9",
-            "model.n_layer=1", "model.n_embd=32", "model.block_size=16", "batch_size=2", "eval_batches=1"]
+    corpus, sets = _compare_setup(tmp_path, max_steps=9)
     buf = io.StringIO()
     out = run_comparison(tmp_path / "out", data_source=str(corpus), overrides=sets, tokens_per_length=64,
                          budget_s=1e-3, chunks=3, multipliers=(1, 2), stream=buf)
@@ -134,10 +138,7 @@ def test_comparison_job_budget_stops_all_models_at_the_same_step(tmp_path):
 
 
 def test_comparison_of_three_normalizers_and_bad_names(tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(TEXT)
-    sets = ["data.tokenizer=bytes", "data.doc_chars=4000", f"data.cache_dir={tmp_path / 'cache'}", "max_steps=2",
-            "model.n_layer=1", "model.n_embd=32", "model.block_size=16", "batch_size=2", "eval_batches=1"]
+    corpus, sets = _compare_setup(tmp_path, max_steps=2)
     buf = io.StringIO()
     out = run_comparison(tmp_path / "out", data_source=str(corpus), overrides=sets, tokens_per_length=64,
                          budget_s=0, chunks=1, multipliers=(1, 2), normalizers=["softmax", "sa_softmax", "stablemax"],
