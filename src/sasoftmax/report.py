@@ -340,19 +340,19 @@ def _plot_ppl(cells: dict[str, list[RunData]], title: str, out: Path, style: _St
 def _plot_diag_steps(runs: Sequence[RunData], key: str, out: Path, style: _Style) -> Path | None:
     fig, ax = _figure()
     n = 0
+    values: list[float] = []
     for run in runs:
         steps, vals = _series(run, key)
         if steps:
             xs, ys = _thin(steps, vals)
             ax.plot(xs, ys, linewidth=1.2, marker="." if len(xs) < 50 else None, **style.line(run))
+            values += vals
             n += 1
     if not n:
         return None
     ax.set(xlabel="step", ylabel=key, title=key)
-    if all(v > 0 for r in runs for v in _series(r, key)[1]):
-        lo, hi = min(v for r in runs for v in _series(r, key)[1]), max(v for r in runs for v in _series(r, key)[1])
-        if hi / lo > 100:
-            ax.set_yscale("log")
+    if min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     _legend(ax, n)
     return _save(fig, out)
