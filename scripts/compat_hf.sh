@@ -16,4 +16,4 @@ pins() { grep -E "^($1)==" requirements/main.txt requirements/test.txt | cut -d:
 "$venv/bin/python" -m pip install --quiet $(pins 'torch|numpy|tokenizers|pytest|hypothesis') "transformers==$ver"
 "$venv/bin/python" -m pip install --quiet --no-deps -e .
 "$venv/bin/python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" exec "$venv/bin/python" -m pytest tests/test_hf.py tests/test_nn.py -q -p no:cacheprovider "$@"
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" exec "$venv/bin/python" -m pytest tests/integrations/test_hf.py tests/integrations/test_nn.py -q -p no:cacheprovider "$@"

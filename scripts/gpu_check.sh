@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh            # results in $OUT if set, else ./gpu_results
 #
-# 1. pytest tests/test_triton.py and tests/test_devices.py on CUDA: every test of the files (the small CPU-equivalent
+# 1. pytest tests/core/test_triton.py and tests/gpu/test_devices.py on CUDA: every test of the files (the small CPU-equivalent
 #    cases run on the GPU with the compiled kernels, bf16 added) including the `gpu`-marked tests with realistic
 #    shapes, and every normalizer's model training on CUDA and matching its CPU run;
 # 2. the benchmark benchmarks/bench_gpu_attention.py (bf16, SA vs SDPA flash vs eager SA), markdown table to
@@ -47,9 +47,9 @@ fi
 STAGES="${STAGES:-tests bench}"
 test_rc=0
 if [[ " $STAGES " == *" tests "* ]]; then
-    echo "== pytest tests/test_triton.py tests/test_devices.py on CUDA (gpu-marked tests included) =="
+    echo "== pytest tests/core/test_triton.py tests/gpu/test_devices.py on CUDA (gpu-marked tests included) =="
     start=$(date +%s)
-    "$PYTHON" -m pytest tests/test_triton.py tests/test_devices.py -q -rs "${XDIST[@]}" \
+    "$PYTHON" -m pytest tests/core/test_triton.py tests/gpu/test_devices.py -q -rs "${XDIST[@]}" \
         --junitxml="$RESULTS/pytest.xml" 2>&1 \
         | tee "$RESULTS/pytest.log"
     test_rc=${PIPESTATUS[0]}

@@ -16,7 +16,7 @@ Conventions (contract.md sections 1 and 4):
   ``b = max(max s, 0)``, ``w = (s - a) / (b - a + eps) * p``; masked keys and rows without a visible key get 0;
 * dropout (given here as an explicit keep mask) multiplies ``w`` by ``keep / (1 - p)`` after the factor.
 
-The bottom of the file has a small runner that calls the package under test; it is kept apart from the oracle.
+The runners that call the package under test live in ``helpers.py``, apart from the oracle.
 """
 
 from __future__ import annotations
@@ -197,47 +197,3 @@ def oracle_ranges(s: Tensor, visible: Tensor) -> Tensor:
             a, b = row_range64(vals)
             out[r, 0], out[r, 1] = a, b
     return out.reshape(*s.shape[:-1], 2)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Runner for the package under test (not part of the oracle).
-
-BACKENDS = ["reference", "chunked"]
-# (backend, chunked block size): None = the backend's default; "N" = one block holding every query row.
-RUNNERS = [("reference", None), ("chunked", None), ("chunked", 1), ("chunked", 3), ("chunked", "N")]
-RUNNER_IDS = ["reference", "chunked", "chunked-b1", "chunked-b3", "chunked-bN"]
-
-
-def run_sa(backend: str, block_size: int | str | None, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
-    """``sa_attention`` through ``backend``; for ``chunked`` with a ``block_size`` the backend is called directly."""
-    from sasoftmax import sa_attention
-    from sasoftmax.attention import prepare
-    from sasoftmax.attention.chunked import chunked_attention
-
-    if backend == "chunked" and block_size is not None:
-        rows = q.shape[2] if block_size == "N" else int(block_size)
-        return chunked_attention(prepare(q, k, v, *args, **kwargs), block_size=rows)
-    return sa_attention(q, k, v, *args, backend=backend, **kwargs)
-
-
-def grads_of(out: Tensor, inputs: list[Tensor], grad_out: Tensor) -> list[Tensor | None]:
-    """Gradients of ``(out * grad_out).sum()`` with respect to ``inputs`` (None where unused)."""
-    return list(torch.autograd.grad(out, inputs, grad_out.to(out.dtype), allow_unused=True))
-
-
-def dropout_keep_of(q: Tensor, k: Tensor, v: Tensor, *args, seed: int, dropout_p: float, **kwargs) -> Tensor:
-    """The bool keep mask ``(B, Hq, Nq, Nk)`` that the package's dropout draws from ``Generator().manual_seed(seed)``,
-    read off the *plain* weights with and without dropout (plain weights are 0 only where the score is exactly 0 or
-    the key is masked; those entries are reported as kept, which cannot matter for them).
-
-    Normalized weights cannot be used for this: the arg-min key's weight is exactly 0 although its gradient is not.
-    """
-    from sasoftmax import sa_attention_with_weights
-
-    kwargs = dict(kwargs, normalize=False, detach_range=False)
-    with torch.no_grad():
-        _, full = sa_attention_with_weights(q, k, v, *args, **kwargs)
-        _, drop = sa_attention_with_weights(
-            q, k, v, *args, dropout_p=dropout_p, generator=torch.Generator().manual_seed(seed), **kwargs
-        )
-    return (drop != 0) | (full == 0)

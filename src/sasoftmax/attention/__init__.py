@@ -1,4 +1,11 @@
-"""SA-Softmax attention: the public entry point and its backends (reference, chunked, triton)."""
+"""SA-Softmax attention: the public entry point and its backends (reference, chunked, triton).
+
+* :mod:`.api`: ``sa_attention`` / ``sa_attention_with_weights`` and backend selection;
+* :mod:`.inputs`: validation and the one canonical form of a call (masks, causality, biases, GQA) and its helpers;
+* :mod:`.materialized`: the materialized engine (reference backend, peers, diagnostics);
+* :mod:`.chunked`: the memory-efficient CPU/GPU backend; :mod:`.triton_backend`: the fused GPU kernel;
+* :mod:`.dropout`: the counter-based dropout mask every backend shares.
+"""
 
 from .api import BACKENDS, available_backends, sa_attention, sa_attention_with_weights
 from .inputs import AttentionInputs, prepare

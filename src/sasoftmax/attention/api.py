@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from .chunked import chunked_attention
-from .inputs import AttentionInputs, prepare
-from .reference import reference_attention
+from .inputs import AttentionInputs, autocast_inputs, prepare, run_without_autocast
+from .materialized import materialized, reference_attention, sa_weights
 
 __all__ = ["sa_attention", "sa_attention_with_weights", "available_backends", "BACKENDS"]
 
@@ -18,7 +18,7 @@ log = logging.getLogger("sasoftmax.attention")
 
 
 def _reference(inp: AttentionInputs) -> Tensor:
-    return reference_attention(inp)[0]
+    return materialized(inp, sa_weights(inp))
 
 
 def _triton(inp: AttentionInputs) -> Tensor:
@@ -61,31 +61,6 @@ def _auto(inp: AttentionInputs) -> str:
     return "chunked"
 
 
-def _autocast_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, str | None]:
-    """Under autocast, run in the autocast dtype like SDPA does (q/k/v cast to it); returns the device type whose
-    autocast must be switched off inside, so the backends' explicit float32 row math is kept."""
-    if not isinstance(q, Tensor):
-        return q, k, v, None
-    dev = q.device.type
-    try:
-        enabled = torch.is_autocast_enabled(dev)
-    except (TypeError, RuntimeError):  # device types without autocast support
-        return q, k, v, None
-    if not enabled:
-        return q, k, v, None
-    dt = torch.get_autocast_dtype(dev)
-    cast = [t.to(dt) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
-            for t in (q, k, v)]
-    return cast[0], cast[1], cast[2], dev
-
-
-def _run(fn, dev: str | None, *args):
-    if dev is None:
-        return fn(*args)
-    with torch.autocast(dev, enabled=False):
-        return fn(*args)
-
-
 def sa_attention(
     q: Tensor,
     k: Tensor,
@@ -126,7 +101,7 @@ def sa_attention(
     Returns:
         ``(B, Hq, Nq, Dv)`` in the input dtype (under autocast: the autocast dtype). Rows with no visible key are 0.
     """
-    q, k, v, ac_dev = _autocast_qkv(q, k, v)
+    q, k, v, ac_dev = autocast_inputs(q, k, v)
     inp = prepare(
         q, k, v, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes,
         normalize=normalize, detach_range=detach_range, dropout_p=dropout_p, eps=eps, generator=generator,
@@ -134,7 +109,7 @@ def sa_attention(
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"unknown `backend`={backend!r}; expected one of {available_backends()}")
     name = _auto(inp) if backend == "auto" else backend
-    return _run(BACKENDS[name], ac_dev, inp)
+    return run_without_autocast(BACKENDS[name], ac_dev, inp)
 
 
 def sa_attention_with_weights(
@@ -157,10 +132,10 @@ def sa_attention_with_weights(
 
     Returns ``(output (B, Hq, Nq, Dv), weights (B, Hq, Nq, Nk))``; the weights are those applied to ``v`` (after
     masking and dropout), in the input dtype. Memory is O(N^2): use it for analysis, not for long sequences."""
-    q, k, v, ac_dev = _autocast_qkv(q, k, v)
+    q, k, v, ac_dev = autocast_inputs(q, k, v)
     inp = prepare(
         q, k, v, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes,
         normalize=normalize, detach_range=detach_range, dropout_p=dropout_p, eps=eps, generator=generator,
     )
-    out, w = _run(reference_attention, ac_dev, inp)
+    out, w = run_without_autocast(reference_attention, ac_dev, inp)
     return out, w.to(q.dtype)

@@ -12,11 +12,20 @@ decided here once (``docs/contract.md`` section 4):
 * ``bias``: additive, broadcastable to ``(B, Hq, Nq, Nk)``, may require grad;
 * ``alibi_slopes``: ``(Hq,)`` or ``(B, Hq)``; adds ``-slope * |Nk - Nq + i - j|`` (FlashAttention's convention)
   without an N x N tensor. Slopes get no gradient.
+
+Values (NaN/+inf in float masks, non-finite biases or slopes) are checked for CPU tensors. On other devices the
+check would wait for the device (a host synchronization on every call), so it runs only when the environment
+variable ``SASOFTMAX_CHECK_VALUES=1`` is set; ``SASOFTMAX_CHECK_VALUES=0`` turns it off on the CPU too. Inside
+``torch.compile`` graphs it is skipped (a data-dependent check would break the graph).
+
+This module is also the one home of the helpers that build masks, biases and head layouts from these conventions
+(:func:`causal_block`, :func:`alibi_block`, :func:`repeat_kv`, :func:`tile`), used by every backend.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -141,14 +150,37 @@ def causal_block(i0: int, i1: int, nq: int, nk: int, device: torch.device, j1: i
     return kpos[None, :] <= qpos[:, None]
 
 
+def causal_visibility(nq: int, nk: int, device: torch.device) -> Tensor:
+    """Bool ``(Nq, Nk)``, True = attend, bottom-right aligned (query ``i`` at key position ``Nk - Nq + i``)."""
+    return causal_block(0, nq, nq, nk, device)
+
+
 def alibi_block(
     slopes: Tensor, i0: int, i1: int, nq: int, nk: int, dtype: torch.dtype, j1: int | None = None
 ) -> Tensor:
-    """ALiBi bias ``-slope * |Nk - Nq + i - j|`` for rows ``[i0, i1)``: ``(B or 1, Hq, i1-i0, Nk)``."""
+    """ALiBi bias ``-slope * |Nk - Nq + i - j|`` for rows ``[i0, i1)`` and keys ``[0, j1)``; ``slopes`` is
+    ``(B or 1, Hq)``; returns ``(B or 1, Hq, i1-i0, j1)``."""
     qpos = torch.arange(i0, i1, device=slopes.device, dtype=dtype) + (nk - nq)
     kpos = torch.arange(nk if j1 is None else j1, device=slopes.device, dtype=dtype)
     dist = (qpos[:, None] - kpos[None, :]).abs()
     return -slopes.to(dtype)[:, :, None, None] * dist
+
+
+def alibi_bias(slopes: Tensor, nq: int, nk: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """ALiBi as a dense bias ``-slope * |Nk - Nq + i - j|`` of shape ``(B or 1, H, Nq, Nk)``; ``slopes`` is ``(H,)``
+    or ``(B, H)`` (the convention of ``sa_attention(alibi_slopes=...)``)."""
+    return alibi_block(slopes[None] if slopes.dim() == 1 else slopes, 0, nq, nq, nk, dtype)
+
+
+def repeat_kv(t: Tensor, heads: int) -> Tensor:
+    """``(B, Hkv, N, X) -> (B, heads, N, X)`` repeating each key/value head ``heads // Hkv`` times (grouped-query
+    attention: query head ``h`` uses key/value head ``h // (heads // Hkv)``)."""
+    b, hkv, n, x = t.shape
+    if hkv == heads:
+        return t
+    if hkv == 0 or heads % hkv != 0:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({hkv})")
+    return t[:, :, None].expand(b, hkv, heads // hkv, n, x).reshape(b, heads, n, x)
 
 
 def _as_4d(t: Tensor, name: str, target: tuple[int, int, int, int]) -> Tensor:
@@ -164,6 +196,160 @@ def _as_4d(t: Tensor, name: str, target: tuple[int, int, int, int]) -> Tensor:
                 f"`{name}` of shape {tuple(t.shape)} does not broadcast to (B, Hq, Nq, Nk)={target}"
             )
     return t
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"`{name}` must be 4-d (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"`{name}` must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"`q`, `k`, `v` must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, _, D = q.shape
+    if D == 0:
+        raise ValueError("`q` and `k` must have head_dim > 0")
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"`k` and `v` must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"`k` and `v` must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != D:
+        raise ValueError(f"`q` and `k` must have the same head_dim, got {D} and {k.shape[3]}")
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]}) for grouped-query attention"
+        )
+
+
+def _check_scalars(scale: float | None, head_dim: int, dropout_p: float, eps: float, is_causal: bool,
+                   generator: torch.Generator | None) -> float:
+    """Validate the scalar arguments; returns the score scale (default ``1/sqrt(head_dim)``)."""
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"`scale` must be a finite number, got {scale}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"`dropout_p` must be in [0, 1), got {dropout_p}")
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"`eps` must be a finite number > 0 (it keeps (b - a + eps) nonzero), got {eps}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"`is_causal` must be a bool, got {type(is_causal).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
+    return scale
+
+
+# (name, what is wrong, tensor whose values must all be finite)
+_FiniteCheck = tuple[str, str, Tensor]
+
+
+def _canonical_mask(attn_mask: Tensor | None, q: Tensor, target: tuple[int, int, int, int],
+                    checks: list[_FiniteCheck]) -> tuple[Tensor | None, Tensor | None]:
+    """``attn_mask`` as ``(keep, mask_add)``: the bool visibility and the additive part of a float mask."""
+    if attn_mask is None:
+        return None, None
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"`attn_mask` must be a tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"`attn_mask` is on {attn_mask.device} but `q` is on {q.device}")
+    m4 = _as_4d(attn_mask, "attn_mask", target)
+    if m4.dtype == torch.bool:
+        return m4, None
+    if not m4.is_floating_point():
+        raise TypeError(
+            f"`attn_mask` must be bool (True = attend) or floating point (additive), got {attn_mask.dtype}"
+        )
+    if m4.requires_grad:
+        raise ValueError("`attn_mask` must not require grad; pass learnable terms as `bias`")
+    keep = m4 > MASKED_FLOAT_THRESHOLD
+    mask_add = torch.where(keep, m4, torch.zeros((), dtype=m4.dtype, device=m4.device))
+    unmasked = m4.masked_fill(m4 <= MASKED_FLOAT_THRESHOLD, 0.0)  # NaN and +inf survive this
+    checks.append(("attn_mask", "NaN or +inf (use -inf or finfo.min to mask)", unmasked))
+    return keep, mask_add
+
+
+def _canonical_bias(bias: Tensor | None, q: Tensor, target: tuple[int, int, int, int],
+                    checks: list[_FiniteCheck]) -> Tensor | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, Tensor) or not bias.is_floating_point():
+        raise TypeError("`bias` must be a floating-point tensor broadcastable to (B, Hq, Nq, Nk)")
+    if bias.device != q.device:
+        raise ValueError(f"`bias` is on {bias.device} but `q` is on {q.device}")
+    bias = _as_4d(bias, "bias", target)
+    checks.append(("bias", "non-finite values (mask keys with `attn_mask` instead of -inf)", bias))
+    return bias
+
+
+def _canonical_slopes(slopes: Tensor | None, q: Tensor, checks: list[_FiniteCheck]) -> Tensor | None:
+    """``alibi_slopes`` as ``(B or 1, Hq)`` float32."""
+    if slopes is None:
+        return None
+    B, Hq = q.shape[0], q.shape[1]
+    if not isinstance(slopes, Tensor) or not slopes.is_floating_point():
+        raise TypeError("`alibi_slopes` must be a floating-point tensor of shape (Hq,) or (B, Hq)")
+    if slopes.requires_grad:
+        raise ValueError("`alibi_slopes` receive no gradient; pass learnable biases as `bias` instead")
+    if slopes.device != q.device:
+        raise ValueError(f"`alibi_slopes` is on {slopes.device} but `q` is on {q.device}")
+    if slopes.dim() == 1:
+        slopes = slopes[None]
+    if slopes.dim() != 2 or slopes.shape[1] != Hq or slopes.shape[0] not in (1, B):
+        raise ValueError(f"`alibi_slopes` must have shape ({Hq},) or ({B}, {Hq}), got {tuple(slopes.shape)}")
+    slopes = slopes.float()
+    checks.append(("alibi_slopes", "non-finite values", slopes))
+    return slopes
+
+
+def checks_values(device: torch.device) -> bool:
+    """Whether :func:`prepare` checks mask/bias values on ``device`` (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return False
+    env = os.environ.get("SASOFTMAX_CHECK_VALUES", "").strip()
+    if env:
+        return env not in ("0", "false", "False", "no")
+    return device.type == "cpu"
+
+
+def _check_finite(checks: list[_FiniteCheck]) -> None:
+    """All value checks of a call with one host synchronization at most."""
+    if not checks or not checks_values(checks[0][2].device):
+        return
+    flags = torch.stack([~torch.isfinite(t.detach()).all() for _, _, t in checks])
+    if bool(flags.any()):
+        name, what = next((n, w) for (n, w, _), bad in zip(checks, flags.tolist(), strict=True) if bad)
+        raise ValueError(f"`{name}` contains {what}")
+
+
+def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, str | None]:
+    """Under autocast, run in the autocast dtype like SDPA does (q/k/v cast to it); returns the device type whose
+    autocast must be switched off inside, so the backends' explicit float32 row math is kept."""
+    if not isinstance(q, Tensor):
+        return q, k, v, None
+    dev = q.device.type
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except (TypeError, RuntimeError):  # device types without autocast support
+        return q, k, v, None
+    if not enabled:
+        return q, k, v, None
+    dt = torch.get_autocast_dtype(dev)
+    cast = [t.to(dt) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+            for t in (q, k, v)]
+    return cast[0], cast[1], cast[2], dev
+
+
+def run_without_autocast(fn, dev: str | None, *args):
+    """``fn(*args)``, with autocast of device type ``dev`` switched off (``dev=None``: as is)."""
+    if dev is None:
+        return fn(*args)
+    with torch.autocast(dev, enabled=False):
+        return fn(*args)
 
 
 def prepare(
@@ -184,101 +370,15 @@ def prepare(
 ) -> AttentionInputs:
     """Check an attention call and return its canonical form. Raises ``TypeError``/``ValueError`` naming the
     offending argument for anything that does not fit the contract."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"`{name}` must be 4-d (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"`{name}` must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"`q`, `k`, `v` must be on one device, got {q.device}, {k.device}, {v.device}")
+    _check_qkv(q, k, v)
     B, Hq, Nq, D = q.shape
-    if D == 0:
-        raise ValueError("`q` and `k` must have head_dim > 0")
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"`k` and `v` must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"`k` and `v` must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
-    if k.shape[3] != D:
-        raise ValueError(f"`q` and `k` must have the same head_dim, got {D} and {k.shape[3]}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(
-            f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention"
-        )
-    Nk = k.shape[2]
-    target = (B, Hq, Nq, Nk)
-
-    if scale is None:
-        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"`scale` must be a finite number, got {scale}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"`dropout_p` must be in [0, 1), got {dropout_p}")
-    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"`eps` must be a finite number > 0 (it keeps (b - a + eps) nonzero), got {eps}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"`is_causal` must be a bool, got {type(is_causal).__name__}")
-
-    keep = mask_add = None
-    finite_checks: list[tuple[str, str, Tensor]] = []  # checked together below: one host sync per call at most
-    if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"`attn_mask` must be a tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.device != q.device:
-            raise ValueError(f"`attn_mask` is on {attn_mask.device} but `q` is on {q.device}")
-        m4 = _as_4d(attn_mask, "attn_mask", target)
-        if m4.dtype == torch.bool:
-            keep = m4
-        elif m4.is_floating_point():
-            if m4.requires_grad:
-                raise ValueError("`attn_mask` must not require grad; pass learnable terms as `bias`")
-            keep = m4 > MASKED_FLOAT_THRESHOLD
-            mask_add = torch.where(keep, m4, torch.zeros((), dtype=m4.dtype, device=m4.device))
-            unmasked = m4.masked_fill(m4 <= MASKED_FLOAT_THRESHOLD, 0.0)  # NaN and +inf survive this
-            finite_checks.append(("attn_mask", "NaN or +inf (use -inf or finfo.min to mask)", unmasked))
-        else:
-            raise TypeError(
-                f"`attn_mask` must be bool (True = attend) or floating point (additive), got {attn_mask.dtype}"
-            )
-
-    if bias is not None:
-        if not isinstance(bias, Tensor) or not bias.is_floating_point():
-            raise TypeError("`bias` must be a floating-point tensor broadcastable to (B, Hq, Nq, Nk)")
-        if bias.device != q.device:
-            raise ValueError(f"`bias` is on {bias.device} but `q` is on {q.device}")
-        bias = _as_4d(bias, "bias", target)
-        finite_checks.append(("bias", "non-finite values (mask keys with `attn_mask` instead of -inf)", bias))
-
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.is_floating_point():
-            raise TypeError("`alibi_slopes` must be a floating-point tensor of shape (Hq,) or (B, Hq)")
-        if alibi_slopes.requires_grad:
-            raise ValueError("`alibi_slopes` receive no gradient; pass learnable biases as `bias` instead")
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"`alibi_slopes` is on {alibi_slopes.device} but `q` is on {q.device}")
-        if alibi_slopes.dim() == 1:
-            alibi_slopes = alibi_slopes[None]
-        if alibi_slopes.dim() != 2 or alibi_slopes.shape[1] != Hq or alibi_slopes.shape[0] not in (1, B):
-            raise ValueError(f"`alibi_slopes` must have shape ({Hq},) or ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
-        alibi_slopes = alibi_slopes.float()
-        finite_checks.append(("alibi_slopes", "non-finite values", alibi_slopes))
-
-    if finite_checks:
-        flags = torch.stack([~torch.isfinite(t.detach()).all() for _, _, t in finite_checks])
-        if bool(flags.any()):
-            name, what = next((n, w) for (n, w, _), bad in zip(finite_checks, flags.tolist(), strict=True) if bad)
-            raise ValueError(f"`{name}` contains {what}")
-
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
-
+    target = (B, Hq, Nq, k.shape[2])
+    scale = _check_scalars(scale, D, dropout_p, eps, is_causal, generator)
+    checks: list[_FiniteCheck] = []
+    keep, mask_add = _canonical_mask(attn_mask, q, target, checks)
+    bias = _canonical_bias(bias, q, target, checks)
+    alibi_slopes = _canonical_slopes(alibi_slopes, q, checks)
+    _check_finite(checks)
     return AttentionInputs(
         q=q, k=k, v=v, keep=keep, mask_add=mask_add, bias=bias, alibi_slopes=alibi_slopes,
         is_causal=is_causal, scale=scale, normalize=bool(normalize), detach_range=bool(detach_range),

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference64 import dropout_keep_of, grads_of, oracle_attention, oracle_ranges, oracle_sa_softmax, oracle_scores
+from helpers import VARIANTS, dropout_keep_of, grads_of
+from reference64 import oracle_attention, oracle_ranges, oracle_sa_softmax, oracle_scores
 
 from sasoftmax import sa_attention, sa_softmax
 from sasoftmax.attention import prepare
 from sasoftmax.attention.chunked import chunked_attention
-
-VARIANTS = [
-    pytest.param(False, False, id="plain"),
-    pytest.param(True, False, id="normalized"),
-    pytest.param(True, True, id="normalized-detach"),
-]
 
 MIN_GAP = 2e-2  # finite-difference steps are 1e-6: far from any kink
 

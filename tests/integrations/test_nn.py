@@ -75,7 +75,7 @@ def _pair(cfg: dict, batch_first: bool, seed: int = 0):
 @pytest.mark.parametrize("mask_kind", MASKS)
 def test_softmax_override_reproduces_torch(batch_first, cfg, mask_kind):
     ref, sa = _pair(cfg, batch_first)
-    sa._normalizer_override = "softmax"
+    sa.normalizer = "softmax"
     q, k, v = _inputs(batch_first, kdim=cfg.get("kdim", E), vdim=cfg.get("vdim", E))
     kpm, attn = _masks(mask_kind, 2, 5, 7)
     for need_weights, average in [(True, True), (True, False), (False, True)]:
@@ -94,7 +94,7 @@ def test_softmax_override_self_attention_eval_and_unbatched():
     """Self-attention in eval mode under no_grad is where torch takes its native fast path."""
     ref, sa = _pair({}, batch_first=True)
     ref, sa = ref.float().eval(), sa.float().eval()
-    sa._normalizer_override = "softmax"
+    sa.normalizer = "softmax"
     x = torch.randn(3, 6, E)
     kpm = torch.zeros(3, 6, dtype=torch.bool)
     kpm[1, 4:] = True
@@ -107,7 +107,7 @@ def test_softmax_override_self_attention_eval_and_unbatched():
     xu = torch.randn(6, E, dtype=torch.float64)
     for bf in (False, True):
         ref, sa = _pair({}, batch_first=bf)
-        sa._normalizer_override = "softmax"
+        sa.normalizer = "softmax"
         o_ref, w_ref = ref(xu, xu, xu, key_padding_mask=kpm[1])
         o_sa, w_sa = sa(xu, xu, xu, key_padding_mask=kpm[1])
         assert o_sa.shape == (6, E) and w_sa.shape == (6, 6)
@@ -189,7 +189,7 @@ def test_sa_matches_written_out_reference(batch_first, cfg, mask_kind, normalize
     torch.testing.assert_close(w_avg, w_ref.mean(1), rtol=1e-10, atol=1e-10)
     # and it is not softmax attention
     sm = copy.deepcopy(sa)
-    sm._normalizer_override = "softmax"
+    sm.normalizer = "softmax"
     assert not torch.allclose(sm(q, k, v, key_padding_mask=kpm, attn_mask=attn)[0], o_ref, atol=1e-3)
 
 
@@ -392,3 +392,27 @@ def test_converted_encoder_under_bf16_autocast():
         got = enc(x, src_key_padding_mask=kpm)
     got.float().sum().backward()
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("name", ["sa_softmax_plain", "stablemax", "ssmax"])
+def test_normalizer_from_the_registry(name):
+    """`normalizer=` takes any registry entry: the weights path and the fast path agree, learnable parameters are
+    created on the module, and the SA variants equal the normalize/detach_range flags they stand for."""
+    torch.manual_seed(3)
+    sa = SAMultiheadAttention(E, H, batch_first=True, dtype=torch.float64, normalizer=name)
+    assert sa.normalizer == name and f"normalizer={name!r}" in repr(sa)
+    q, k, v = _inputs(True)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[0, 5:] = True
+    o_w, w = sa(q, k, v, key_padding_mask=kpm, average_attn_weights=False)
+    o_f, _ = sa(q, k, v, key_padding_mask=kpm, need_weights=False)
+    torch.testing.assert_close(o_f, o_w, rtol=1e-10, atol=1e-10)
+    assert torch.all(w[0, :, :, 5:] == 0)
+    if name == "ssmax":
+        assert sa.ssmax_scale.shape == (H,) and "ssmax_scale" in dict(sa.named_parameters())
+    if name == "sa_softmax_plain":
+        flags = SAMultiheadAttention(E, H, batch_first=True, dtype=torch.float64, normalize=False)
+        flags.load_state_dict(sa.state_dict())
+        torch.testing.assert_close(flags(q, k, v, key_padding_mask=kpm)[0], o_w, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown normalizer 'nope'"):
+        SAMultiheadAttention(E, H, normalizer="nope")

@@ -10,28 +10,13 @@ import zlib
 
 import pytest
 import torch
-from reference64 import BACKENDS, RUNNER_IDS, RUNNERS, dropout_keep_of, grads_of, oracle_attention, run_sa
+from helpers import BACKENDS, RUNNER_IDS, RUNNERS, VARIANTS, dropout_keep_of, grads_of, qkv, run_sa
+from reference64 import oracle_attention
 
 from sasoftmax import sa_attention, sa_attention_with_weights
 
-VARIANTS = [
-    pytest.param(False, False, id="plain"),
-    pytest.param(True, False, id="normalized"),
-    pytest.param(True, True, id="normalized-detach"),
-]
-
 F32_MIN = torch.finfo(torch.float32).min
 F16_MIN = torch.finfo(torch.float16).min
-
-
-def _qkv(
-    B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: int, dtype: torch.dtype, seed: int, q_scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(B, Hq, Nq, D, generator=g, dtype=torch.float64) * q_scale).to(dtype).requires_grad_()
-    k = torch.randn(B, Hkv, Nk, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    v = torch.randn(B, Hkv, Nk, Dv, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    return q, k, v
 
 
 def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64, grad: bool = False) -> torch.Tensor:
@@ -80,7 +65,7 @@ def make_case(name: str, dtype: torch.dtype = torch.float64) -> tuple[list[torch
         kw["eps"] = 0.5
     elif name == "large_scores":
         kw["scale"] = 6.0
-    q, k, v = _qkv(B, H, Hkv, Nq, Nk, D, Dv, dtype, seed=zlib.crc32(name.encode()) % 1000)
+    q, k, v = qkv(B, H, Hkv, Nq, Nk, D, Dv, dtype, seed=zlib.crc32(name.encode()) % 1000)
     leaves = [q, k, v]
     if name == "key_padding":
         keep = torch.ones(B, 1, 1, Nk, dtype=torch.bool)
@@ -102,7 +87,7 @@ def make_case(name: str, dtype: torch.dtype = torch.float64) -> tuple[list[torch
         args = (_float_mask(B, Nq, Nk, torch.float16, seed=6),)
     elif name == "float_mask_causal":
         Nq = Nk
-        leaves = list(_qkv(B, H, Hkv, Nq, Nk, D, Dv, dtype, seed=7))
+        leaves = list(qkv(B, H, Hkv, Nq, Nk, D, Dv, dtype, seed=7))
         args = (_float_mask(B, Nq, Nk, dtype, seed=8),)
         kw["is_causal"] = True
     elif name.startswith("bias_"):
@@ -203,7 +188,7 @@ def test_detach_range_changes_gradients_not_values(runner):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_alibi_equals_explicit_bias(backend):
     """alibi_slopes is the same as the explicit bias -slope * |Nk - Nq + i - j| (Nq != Nk)."""
-    q, k, v = _qkv(2, 3, 3, 4, 7, 5, 5, torch.float64, seed=14)
+    q, k, v = qkv(2, 3, 3, 4, 7, 5, 5, torch.float64, seed=14)
     slopes = torch.tensor([0.5, 0.25, 0.125], dtype=torch.float64)
     i = torch.arange(4, dtype=torch.float64)[:, None]
     j = torch.arange(7, dtype=torch.float64)[None, :]
@@ -218,7 +203,7 @@ def test_alibi_equals_explicit_bias(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gqa_equals_repeated_heads(backend):
     """GQA is exactly attention with key/value head h // groups repeated for each query head."""
-    q, k, v = _qkv(2, 6, 2, 5, 5, 4, 3, torch.float64, seed=15)
+    q, k, v = qkv(2, 6, 2, 5, 5, 4, 3, torch.float64, seed=15)
     out = sa_attention(q, k, v, is_causal=True, backend=backend)
     rep = sa_attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), is_causal=True, backend=backend)
     torch.testing.assert_close(out, rep, atol=1e-12, rtol=0)
@@ -227,7 +212,7 @@ def test_gqa_equals_repeated_heads(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bool_and_float_masks_agree(backend):
     """A bool mask and the equivalent -inf/finfo.min float mask give the same output and gradients."""
-    q, k, v = _qkv(2, 2, 2, 5, 5, 4, 4, torch.float64, seed=16)
+    q, k, v = qkv(2, 2, 2, 5, 5, 4, 4, torch.float64, seed=16)
     keep = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(17)) > 0.4
     keep[..., 0] = True
     for fill in (float("-inf"), F32_MIN, F16_MIN):
@@ -240,7 +225,7 @@ def test_bool_and_float_masks_agree(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causal_equals_explicit_bottom_right_mask(backend):
     for nq, nk in ((3, 7), (7, 3), (5, 5)):
-        q, k, v = _qkv(1, 2, 2, nq, nk, 4, 4, torch.float64, seed=18)
+        q, k, v = qkv(1, 2, 2, nq, nk, 4, 4, torch.float64, seed=18)
         keep = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
         a = sa_attention(q, k, v, is_causal=True, backend=backend)
         b = sa_attention(q, k, v, keep, backend=backend)
@@ -276,7 +261,7 @@ def test_with_weights_half_dtype():
 
 
 def _dropout_inputs(seed: int = 20):
-    return _qkv(2, 2, 2, 9, 11, 4, 5, torch.float64, seed=seed)
+    return qkv(2, 2, 2, 9, 11, 4, 5, torch.float64, seed=seed)
 
 
 @pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
@@ -343,7 +328,7 @@ def test_dropout_matches_oracle_with_its_mask(normalize, detach_range):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_fraction_and_expectation(p):
     """About a fraction p of the weights is dropped, and the kept ones are scaled so the expectation holds."""
-    q, k, v = _qkv(2, 4, 4, 48, 48, 8, 8, torch.float32, seed=26)
+    q, k, v = qkv(2, 4, 4, 48, 48, 8, 8, torch.float32, seed=26)
     q, k, v = q.detach(), k.detach(), v.detach()
     _, w_full = sa_attention_with_weights(q, k, v)
     _, w_drop = sa_attention_with_weights(q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(10))
@@ -355,7 +340,7 @@ def test_dropout_fraction_and_expectation(p):
     ratio = w_drop.sum().item() / w_full.sum().item()
     assert abs(ratio - 1) < 0.03
     # and over several seeds the mean output of a small problem approaches the dropout-free one
-    qs, ks, vs = _qkv(1, 1, 1, 4, 6, 4, 4, torch.float64, seed=27)
+    qs, ks, vs = qkv(1, 1, 1, 4, 6, 4, 4, torch.float64, seed=27)
     qs, ks, vs = qs.detach(), ks.detach(), vs.detach()
     ref = sa_attention(qs, ks, vs, backend="chunked")
     draws = torch.stack([
@@ -372,7 +357,7 @@ def test_tiles_over_batch_and_head_groups(normalize, detach_range):
     """A problem large enough for the chunked backend's default tiling to split batches and key/value-head groups
     (B=2, Hq=8, Hkv=2, N=256): values and gradients equal the reference backend's, with causal mask, a per-batch
     bias and dropout."""
-    q, k, v = _qkv(2, 8, 2, 256, 256, 8, 4, torch.float64, seed=30)
+    q, k, v = qkv(2, 8, 2, 256, 256, 8, 4, torch.float64, seed=30)
     bias = _randn(2, 1, 256, 256, seed=31, grad=True)
     leaves = [q, k, v, bias]
     kw = dict(is_causal=True, bias=bias, normalize=normalize, detach_range=detach_range, dropout_p=0.2)
@@ -388,7 +373,7 @@ def test_tiles_over_batch_and_head_groups(normalize, detach_range):
 def test_dropout_gqa_same_entries(block):
     """Dropout under GQA (Hq=4, Hkv=2) and batch 2: the chunked backend at any block size drops what the reference
     drops."""
-    q, k, v = _qkv(2, 4, 2, 7, 9, 3, 5, torch.float64, seed=33)
+    q, k, v = qkv(2, 4, 2, 7, 9, 3, 5, torch.float64, seed=33)
     kw = dict(is_causal=True, dropout_p=0.4)
     ref = sa_attention(q, k, v, generator=torch.Generator().manual_seed(4), backend="reference", **kw)
     out = run_sa("chunked", block, q, k, v, generator=torch.Generator().manual_seed(4), **kw)
@@ -399,7 +384,7 @@ def test_dropout_gqa_same_entries(block):
 
 
 def test_auto_backend_on_cpu_is_chunked():
-    q, k, v = _qkv(1, 2, 2, 4, 4, 3, 3, torch.float64, seed=35)
+    q, k, v = qkv(1, 2, 2, 4, 4, 3, 3, torch.float64, seed=35)
     a = sa_attention(q, k, v, is_causal=True)
     b = sa_attention(q, k, v, is_causal=True, backend="chunked")
     torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference64 import BACKENDS
+from helpers import BACKENDS, qkv
 
 from sasoftmax import sa_attention, sa_attention_with_weights, sa_softmax
 
@@ -15,14 +15,6 @@ def _call(entry: str, *args, **kwargs):
     if entry == "with_weights":
         return sa_attention_with_weights(*args, **kwargs)
     return sa_attention(*args, backend=entry, **kwargs)
-
-
-def _qkv(B=2, Hq=2, Hkv=2, Nq=3, Nk=4, D=5, Dv=5, dtype=torch.float32):
-    return (
-        torch.randn(B, Hq, Nq, D, dtype=dtype),
-        torch.randn(B, Hkv, Nk, D, dtype=dtype),
-        torch.randn(B, Hkv, Nk, Dv, dtype=dtype),
-    )
 
 
 BAD_CALLS = {
@@ -155,14 +147,14 @@ BAD_CALLS = {
 @pytest.mark.parametrize("name", list(BAD_CALLS))
 def test_bad_attention_input_raises(name, entry):
     exc, match, build = BAD_CALLS[name]
-    args, kwargs = build(*_qkv())
+    args, kwargs = build(*qkv(2, 2, 2, 3, 4, 5, 5, dtype=torch.float32, grad=False))
     with pytest.raises(exc, match=match):
         _call(entry, *args, **kwargs)
 
 
 @pytest.mark.parametrize("backend", ["nope", "", "Reference", 3, None])
 def test_unknown_backend(backend):
-    q, k, v = _qkv()
+    q, k, v = qkv(2, 2, 2, 3, 4, 5, 5, dtype=torch.float32, grad=False)
     with pytest.raises(ValueError, match=r"unknown `backend`"):
         sa_attention(q, k, v, backend=backend)
 
@@ -171,7 +163,7 @@ def test_unknown_backend(backend):
 def test_positive_infinity_in_float_mask_is_rejected(entry):
     """A +inf mask entry cannot be "added to the score" without making the row NaN: it must be rejected (like NaN)
     instead of silently producing NaN."""
-    q, k, v = _qkv()
+    q, k, v = qkv(2, 2, 2, 3, 4, 5, 5, dtype=torch.float32, grad=False)
     m = torch.zeros(3, 4)
     m[1, 2] = float("inf")
     with pytest.raises(ValueError, match=r"`attn_mask`"):
@@ -185,7 +177,7 @@ def test_positive_infinity_in_float_mask_is_rejected(entry):
 def test_non_finite_bias_is_not_silently_nan(entry, fill):
     """A non-finite ``bias`` entry must either be rejected with an error naming ``bias`` or (for -inf) act as a
     mask; it must never silently turn the output into NaN."""
-    q, k, v = _qkv()
+    q, k, v = qkv(2, 2, 2, 3, 4, 5, 5, dtype=torch.float32, grad=False)
     bias = torch.zeros(3, 4)
     bias[1, 2] = fill
     try:

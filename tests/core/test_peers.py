@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import sasoftmax.peers as peers
+import sasoftmax.normalizers.peers as peers
 from sasoftmax import sa_attention
 from sasoftmax.model import GPT, GPTConfig
 from sasoftmax.normalizers import (

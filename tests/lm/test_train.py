@@ -54,7 +54,7 @@ def _cmd(*args: str) -> list[str]:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -212,7 +212,7 @@ def test_toml_config_file(tmp_path, corpus):
 
 
 def test_shipped_configs_load():
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     files = sorted(f for f in root.glob("*.toml") if not f.name.startswith("grid_"))  # grid files: test_grid.py
     assert files, "no configs/*.toml"
     for f in files:

@@ -227,7 +227,7 @@ def test_diverging_run_gets_error_json_and_the_grid_goes_on(tmp_path, monkeypatc
     "name,runs", [("grid_tiny.toml", 12), ("grid_peers_tiny.toml", 9), ("grid_paper125m.toml", 20)]
 )
 def test_shipped_grid_files_load(name, runs, tmp_path):
-    path = Path(__file__).resolve().parents[1] / "configs" / name
+    path = Path(__file__).resolve().parents[2] / "configs" / name
     grid = load_grid(path, out=tmp_path / "g", overrides=["data.source=stdlib"])
     assert len(select_runs(grid)) == runs
 
@@ -240,7 +240,7 @@ def test_grid_under_torchrun(tmp_path):
 
     path = _write_grid_file(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "sasoftmax",
            "grid", str(path), "--quiet"]

@@ -4,25 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference64 import BACKENDS, RUNNER_IDS, RUNNERS, grads_of, oracle_attention, run_sa
+from helpers import BACKENDS, RUNNER_IDS, RUNNERS, VARIANTS, grads_of, qkv, run_sa
+from reference64 import oracle_attention
 
 from sasoftmax import sa_attention
-
-VARIANTS = [
-    pytest.param(False, False, id="plain"),
-    pytest.param(True, False, id="normalized"),
-    pytest.param(True, True, id="normalized-detach"),
-]
-
-
-def _qkv(B, Hq, Hkv, Nq, Nk, D, Dv, dtype=torch.float64, seed=0, grad=True):
-    g = torch.Generator().manual_seed(seed)
-    ts = [
-        torch.randn(B, Hq, Nq, D, generator=g, dtype=torch.float64),
-        torch.randn(B, Hkv, Nk, D, generator=g, dtype=torch.float64),
-        torch.randn(B, Hkv, Nk, Dv, generator=g, dtype=torch.float64),
-    ]
-    return [t.to(dtype).requires_grad_(grad) for t in ts]
 
 
 def _masks(kind: str, B: int, H: int, Nq: int, Nk: int):
@@ -54,7 +39,7 @@ def _masks(kind: str, B: int, H: int, Nq: int, Nk: int):
 @pytest.mark.parametrize("kind", ["bool", "float", "causal_nq_gt_nk", "key_padding_all"])
 def test_fully_masked_rows_are_zero_with_zero_gradient(runner, kind, normalize, detach_range):
     B, H, Nq, Nk = 2, 2, 6, 4
-    q, k, v = _qkv(B, H, H, Nq, Nk, 3, 5, seed=2)
+    q, k, v = qkv(B, H, H, Nq, Nk, 3, 5, seed=2)
     bias = torch.randn(1, H, Nq, Nk, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     bias.requires_grad_()
     args, kw, empty = _masks(kind, B, H, Nq, Nk)
@@ -77,7 +62,7 @@ def test_fully_masked_rows_are_zero_with_zero_gradient(runner, kind, normalize, 
 
 @pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
 def test_every_row_masked(runner):
-    q, k, v = _qkv(1, 2, 2, 3, 4, 3, 3, seed=5)
+    q, k, v = qkv(1, 2, 2, 3, 4, 3, 3, seed=5)
     out = run_sa(*runner, q, k, v, torch.zeros(3, 4, dtype=torch.bool))
     assert (out == 0).all()
     gq, gk, gv = grads_of(out, [q, k, v], torch.ones_like(out))
@@ -88,7 +73,7 @@ def test_every_row_masked(runner):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_single_key(runner, normalize):
     """One visible key: plain w = s; normalized w = s / (s + eps) for s > 0 and 0 for s < 0."""
-    q, k, v = _qkv(2, 2, 2, 5, 1, 4, 3, seed=6)
+    q, k, v = qkv(2, 2, 2, 5, 1, 4, 3, seed=6)
     out = run_sa(*runner, q, k, v, normalize=normalize, eps=1e-3)
     s = (q @ k.transpose(-1, -2) / 2.0).detach()  # scale 1/sqrt(4)
     assert (s > 0).any() and (s < 0).any()
@@ -103,7 +88,7 @@ def test_single_key(runner, normalize):
 @pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
 @pytest.mark.parametrize("normalize,detach_range", VARIANTS)
 def test_n_equals_one(runner, normalize, detach_range):
-    q, k, v = _qkv(3, 2, 1, 1, 1, 4, 2, seed=8)
+    q, k, v = qkv(3, 2, 1, 1, 1, 4, 2, seed=8)
     out = run_sa(*runner, q, k, v, is_causal=True, normalize=normalize, detach_range=detach_range)
     ref, _ = oracle_attention(q, k, v, is_causal=True, normalize=normalize, detach_range=detach_range)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
@@ -118,7 +103,7 @@ def test_decode_matches_full_causal(runner, normalize):
     """Decoding with a KV cache: Nq = 1 (and 2) causal queries against Nk keys equal the last rows of full causal
     attention; Nq = 1 causal is the same as no mask."""
     B, H, N = 2, 4, 7
-    q, k, v = _qkv(B, H, 2, N, N, 4, 3, seed=9, grad=False)
+    q, k, v = qkv(B, H, 2, N, N, 4, 3, seed=9, grad=False)
     alibi = torch.tensor([0.5, 0.25, 0.125, 0.0625])
     full = run_sa(*runner, q, k, v, is_causal=True, normalize=normalize, alibi_slopes=alibi)
     for nq in (1, 2):
@@ -141,7 +126,7 @@ def test_half_precision_accuracy_rule(dtype, case, normalize, detach_range):
     B, Hq, Hkv, Nq, Nk, D, Dv = 2, 4, 2, 24, 24, 16, 8
     if case == "masked_bias":
         Hkv, Nq = Hq, 17
-    q, k, v = _qkv(B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype, seed=10)
+    q, k, v = qkv(B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype, seed=10)
     kw: dict = {"normalize": normalize, "detach_range": detach_range}
     args: tuple = ()
     leaves = [q, k, v]
@@ -203,7 +188,7 @@ def test_non_contiguous_inputs(runner):
 @pytest.mark.parametrize("shape", [(0, 2, 2, 3, 4), (2, 2, 2, 0, 4)], ids=["batch0", "nq0"])
 def test_empty_batch_or_queries(runner, shape):
     B, Hq, Hkv, Nq, Nk = shape
-    q, k, v = _qkv(B, Hq, Hkv, Nq, Nk, 3, 5, seed=15)
+    q, k, v = qkv(B, Hq, Hkv, Nq, Nk, 3, 5, seed=15)
     out = run_sa(*runner, q, k, v, is_causal=True, dropout_p=0.1)
     assert out.shape == (B, Hq, Nq, 5) and out.dtype == torch.float64
     out.sum().backward()
@@ -214,7 +199,7 @@ def test_empty_batch_or_queries(runner, shape):
 @pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
 def test_no_keys_gives_zeros(runner):
     """Nk = 0: every row has no visible key, so the output is 0 (contract.md section 1), on every backend."""
-    q, k, v = _qkv(2, 2, 2, 3, 0, 4, 5, seed=16)
+    q, k, v = qkv(2, 2, 2, 3, 0, 4, 5, seed=16)
     out = run_sa(*runner, q, k, v)
     assert out.shape == (2, 2, 3, 5) and (out == 0).all()
     out.sum().backward()
@@ -225,7 +210,7 @@ def test_no_keys_gives_zeros(runner):
 def test_zero_eps_with_all_zero_scores_is_not_silently_nan(backend):
     """``eps=0`` is accepted by validation, but a row whose visible scores are all 0 then has b - a + eps = 0.
     The call must either refuse ``eps=0`` (error naming ``eps``) or return finite values."""
-    q, k, v = _qkv(1, 2, 2, 3, 4, 4, 4, seed=17, grad=False)
+    q, k, v = qkv(1, 2, 2, 3, 4, 4, 4, seed=17, grad=False)
     try:
         out = sa_attention(torch.zeros_like(q), k, v, eps=0.0, backend=backend)
     except ValueError as err:
@@ -239,7 +224,7 @@ def test_zero_eps_with_all_zero_scores_is_not_silently_nan(backend):
 def test_all_equal_scores(runner, normalize):
     """Ties everywhere (q = 0): the softmax is uniform; normalized weights are 0 (s - a = 0) and plain weights 0;
     with a bias the scores are equal but non-zero."""
-    q, k, v = _qkv(1, 2, 2, 3, 4, 4, 4, seed=18, grad=False)
+    q, k, v = qkv(1, 2, 2, 3, 4, 4, 4, seed=18, grad=False)
     out = run_sa(*runner, torch.zeros_like(q), k, v, normalize=normalize)
     assert (out == 0).all()
     out = run_sa(*runner, torch.zeros_like(q), k, v, bias=torch.full((3, 4), 2.0, dtype=torch.float64),
@@ -252,7 +237,7 @@ def test_all_equal_scores(runner, normalize):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_large_scores_via_bias_float64(runner, normalize):
     """Scores of magnitude ~1e4 (through the bias) in float64: finite and equal to the oracle."""
-    q, k, v = _qkv(1, 2, 2, 5, 6, 4, 3, seed=19)
+    q, k, v = qkv(1, 2, 2, 5, 6, 4, 3, seed=19)
     bias = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(20), dtype=torch.float64) * 1e4
     bias.requires_grad_()
     out = run_sa(*runner, q, k, v, bias=bias, normalize=normalize, is_causal=True)
@@ -271,7 +256,7 @@ def test_large_scores_float32_accuracy_rule(normalize, magnitude):
     """float32 inputs with scores of magnitude up to 1e4 (through the bias): the chunked backend's error against the
     float64 oracle is at most 2x the reference backend's, plus a floor of a few float32 ulps of the problem's scale
     (output and every gradient)."""
-    q, k, v = _qkv(2, 2, 2, 16, 16, 8, 4, dtype=torch.float32, seed=22)
+    q, k, v = qkv(2, 2, 2, 16, 16, 8, 4, dtype=torch.float32, seed=22)
     bias = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(23), dtype=torch.float64) * magnitude
     bias = bias.float().requires_grad_()
     leaves = [q, k, v, bias]

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import RUNNER_IDS, RUNNERS, grads_of, run_sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference64 import RUNNER_IDS, RUNNERS, grads_of, oracle_attention, oracle_sa_softmax, run_sa
+from reference64 import oracle_attention, oracle_sa_softmax
 
 from sasoftmax import sa_attention_with_weights, sa_softmax
 

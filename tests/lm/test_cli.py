@@ -69,7 +69,7 @@ def test_eval_missing_checkpoint(tmp_path, capsys):
 
 
 def test_module_entry_point_runs(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
     res = subprocess.run([sys.executable, "-m", "sasoftmax", "grad-demo"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert res.returncode == 0, res.stderr
@@ -77,7 +77,7 @@ def test_module_entry_point_runs(tmp_path):
 
 
 def test_main_job_script_runs_end_to_end(corpus, tmp_path):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(root / "src"))
     cmd = [sys.executable, str(root / "scripts" / "main_job.py"), "--data", str(corpus), "--out", str(tmp_path / "o"),
            "--budget", "0", "--chunks", "1", "--tokens", "1024", "--set", "max_steps=2",

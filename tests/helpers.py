@@ -1,0 +1,73 @@
+"""Shared test helpers: input builders, the attention variants and the runners that call the package under test.
+
+The float64 oracle stays in ``reference64.py`` and shares no code with the package; everything that calls the package
+lives here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+VARIANTS = [
+    pytest.param(False, False, id="plain"),
+    pytest.param(True, False, id="normalized"),
+    pytest.param(True, True, id="normalized-detach"),
+]
+"""``(normalize, detach_range)`` of the three SA-Softmax variants."""
+
+
+def qkv(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: int, dtype: torch.dtype = torch.float64,
+        seed: int = 0, grad: bool = True, q_scale: float = 1.0) -> list[Tensor]:
+    """``[q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv)]`` drawn in float64 from ``seed`` (q times
+    ``q_scale``), cast to ``dtype``, leaves requiring grad when ``grad``."""
+    g = torch.Generator().manual_seed(seed)
+    ts = [
+        torch.randn(B, Hq, Nq, D, generator=g, dtype=torch.float64) * q_scale,
+        torch.randn(B, Hkv, Nk, D, generator=g, dtype=torch.float64),
+        torch.randn(B, Hkv, Nk, Dv, generator=g, dtype=torch.float64),
+    ]
+    return [t.to(dtype).requires_grad_(grad) for t in ts]
+
+
+
+BACKENDS = ["reference", "chunked"]
+# (backend, chunked block size): None = the backend's default; "N" = one block holding every query row.
+RUNNERS = [("reference", None), ("chunked", None), ("chunked", 1), ("chunked", 3), ("chunked", "N")]
+RUNNER_IDS = ["reference", "chunked", "chunked-b1", "chunked-b3", "chunked-bN"]
+
+
+def run_sa(backend: str, block_size: int | str | None, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
+    """``sa_attention`` through ``backend``; for ``chunked`` with a ``block_size`` the backend is called directly."""
+    from sasoftmax import sa_attention
+    from sasoftmax.attention import prepare
+    from sasoftmax.attention.chunked import chunked_attention
+
+    if backend == "chunked" and block_size is not None:
+        rows = q.shape[2] if block_size == "N" else int(block_size)
+        return chunked_attention(prepare(q, k, v, *args, **kwargs), block_size=rows)
+    return sa_attention(q, k, v, *args, backend=backend, **kwargs)
+
+
+def grads_of(out: Tensor, inputs: list[Tensor], grad_out: Tensor) -> list[Tensor | None]:
+    """Gradients of ``(out * grad_out).sum()`` with respect to ``inputs`` (None where unused)."""
+    return list(torch.autograd.grad(out, inputs, grad_out.to(out.dtype), allow_unused=True))
+
+
+def dropout_keep_of(q: Tensor, k: Tensor, v: Tensor, *args, seed: int, dropout_p: float, **kwargs) -> Tensor:
+    """The bool keep mask ``(B, Hq, Nq, Nk)`` that the package's dropout draws from ``Generator().manual_seed(seed)``,
+    read off the *plain* weights with and without dropout (plain weights are 0 only where the score is exactly 0 or
+    the key is masked; those entries are reported as kept, which cannot matter for them).
+
+    Normalized weights cannot be used for this: the arg-min key's weight is exactly 0 although its gradient is not.
+    """
+    from sasoftmax import sa_attention_with_weights
+
+    kwargs = dict(kwargs, normalize=False, detach_range=False)
+    with torch.no_grad():
+        _, full = sa_attention_with_weights(q, k, v, *args, **kwargs)
+        _, drop = sa_attention_with_weights(
+            q, k, v, *args, dropout_p=dropout_p, generator=torch.Generator().manual_seed(seed), **kwargs
+        )
+    return (drop != 0) | (full == 0)
