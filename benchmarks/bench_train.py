@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from sasoftmax.model import GPT, GPTConfig
+from sasoftmax.lm.model import GPT, GPTConfig
 
 
 def _machine() -> dict[str, object]:

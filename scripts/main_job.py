@@ -11,7 +11,7 @@ ALiBi, 1000 steps of 16 x 128 tokens per model in bfloat16 autocast, within a 54
 
 import sys
 
-from sasoftmax.cli import main
+from sasoftmax.lm.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["compare", *sys.argv[1:]]))

@@ -1,7 +1,7 @@
-"""``python -m sasoftmax ...`` = the ``sasoftmax`` command line."""
+"""``python -m sasoftmax ...`` = the ``sasoftmax`` command line (:mod:`sasoftmax.lm.cli`)."""
 
 import sys
 
-from .cli import main
+from .lm.cli import main
 
 sys.exit(main())

@@ -10,7 +10,7 @@ import torch
 
 import sasoftmax.normalizers.peers as peers
 from sasoftmax import sa_attention
-from sasoftmax.model import GPT, GPTConfig
+from sasoftmax.lm.model import GPT, GPTConfig
 from sasoftmax.normalizers import (
     causal_visibility,
     get_normalizer,

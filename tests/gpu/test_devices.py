@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from sasoftmax.diagnostics import attention_diagnostics
-from sasoftmax.model import GPT, GPTConfig
+from sasoftmax.lm.diagnostics import attention_diagnostics
+from sasoftmax.lm.model import GPT, GPTConfig
 from sasoftmax.normalizers import list_normalizers
 
 CUDA = torch.cuda.is_available()

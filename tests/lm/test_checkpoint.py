@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from sasoftmax.checkpoint import (
+from sasoftmax.lm.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
@@ -69,7 +69,7 @@ def test_load_latest_falls_back_to_previous_good(tmp_path, caplog):
     save_checkpoint(tmp_path, 10, _state(10))
     newest = save_checkpoint(tmp_path, 20, _state(20))
     newest.write_bytes(newest.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="sasoftmax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="sasoftmax.lm.checkpoint"):
         path, state = load_latest(tmp_path)
     assert path.name == "ckpt_000010.pt" and state["step"] == 10
     assert "falling back to the previous checkpoint ckpt_000010.pt" in caplog.text

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sasoftmax.cli import main
+from sasoftmax.lm.cli import main
 
 TEXT = "".join(f"line {i} of a small corpus with some words {i % 11}\n" for i in range(2000))
 

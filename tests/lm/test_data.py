@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sasoftmax.data import (
+from sasoftmax.lm.data import (
     BatchSampler,
     DataConfig,
     Document,

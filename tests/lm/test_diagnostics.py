@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sasoftmax.diagnostics import METRICS, _row_stats, attention_diagnostics, probe_attention
-from sasoftmax.model import GPT, GPTConfig
+from sasoftmax.lm.config import load_config
+from sasoftmax.lm.diagnostics import METRICS, _row_stats, attention_diagnostics, probe_attention
+from sasoftmax.lm.model import GPT, GPTConfig
+from sasoftmax.lm.trainer import train
 from sasoftmax.normalizers import register_normalizer, softmax_attention, unregister_normalizer
-from sasoftmax.train import load_config, train
 
 NORMS = ["softmax", "sa_softmax", "sa_softmax_plain", "sa_softmax_detached"]
 

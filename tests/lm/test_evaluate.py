@@ -10,16 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sasoftmax.data import load_token_data
-from sasoftmax.evaluate import (
-    evaluate_checkpoint,
-    evaluate_model,
-    gradient_demo,
-    parse_lengths,
-    run_comparison,
-)
-from sasoftmax.model import GPT, GPTConfig
-from sasoftmax.train import load_config, train
+from sasoftmax.lm.compare import run_comparison
+from sasoftmax.lm.config import load_config
+from sasoftmax.lm.data import load_token_data
+from sasoftmax.lm.evaluate import evaluate_checkpoint, evaluate_model, gradient_demo, parse_lengths
+from sasoftmax.lm.model import GPT, GPTConfig
+from sasoftmax.lm.trainer import train
 
 TEXT = "".join(f"Paragraph {i}: the cat sat on mat {i % 17} and looked at the dog {i % 5}.\n" for i in range(3000))
 

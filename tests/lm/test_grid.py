@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sasoftmax.cli import main
-from sasoftmax.grid import (
+from sasoftmax.lm.cli import main
+from sasoftmax.lm.grid import (
     SCHEMA_VERSION,
     GridError,
     load_grid,
@@ -203,7 +203,7 @@ def test_cli_grid_dry_run_and_errors(tmp_path, capsys):
 
 
 def test_diverging_run_gets_error_json_and_the_grid_goes_on(tmp_path, monkeypatch):
-    import sasoftmax.train as train_mod
+    import sasoftmax.lm.trainer as train_mod
 
     real_train = train_mod.train
 

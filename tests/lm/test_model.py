@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sasoftmax import sa_attention
-from sasoftmax.model import GPT, GPTConfig
+from sasoftmax.lm.model import GPT, GPTConfig
 from sasoftmax.normalizers import get_normalizer, register_normalizer, repeat_kv, unregister_normalizer
 
 NORMALIZERS = ["softmax", "sa_softmax", "sa_softmax_plain", "sa_softmax_detached"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sasoftmax.cli import main
-from sasoftmax.grid import SCHEMA_VERSION, write_json_atomic
-from sasoftmax.report import write_report
+from sasoftmax.lm.cli import main
+from sasoftmax.lm.grid import SCHEMA_VERSION, write_json_atomic
+from sasoftmax.lm.report import write_report
 
 # (normalizer, positional, seed) -> perplexity at lengths 16, 32, 64
 PPL = {
@@ -138,7 +138,7 @@ def test_report_summary_plots(tmp_path, capsys):
 
 
 def test_plot_style_colors_by_normalizer_and_short_labels(tmp_path):
-    from sasoftmax.report import _Style, load_grid_dir
+    from sasoftmax.lm.report import _Style, load_grid_dir
 
     runs = load_grid_dir(_grid(tmp_path)).runs
     style = _Style(runs)

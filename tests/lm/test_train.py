@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sasoftmax.train import ConfigError, TrainConfig, load_config, lr_at, train
+from sasoftmax.lm.config import ConfigError, TrainConfig, load_config
+from sasoftmax.lm.trainer import lr_at, train
 
 TEXT = "".join(
     f"Chapter {i}. It is a truth universally acknowledged that a model number {i * 31 % 97} needs data.\n"
