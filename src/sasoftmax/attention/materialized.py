@@ -13,6 +13,7 @@ key takes part) or None; ``w`` has the shape of ``s``, is differentiable and exa
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
@@ -59,22 +60,33 @@ def sa_weights(inp: AttentionInputs) -> WeightsFn:
     return weights
 
 
-def _rows(inp: AttentionInputs, weights: WeightsFn, module: nn.Module | None, seed: int | None, kx: Tensor,
-          vx: Tensor, i0: int, i1: int, on_scores: ScoresHook | None) -> tuple[Tensor, Tensor]:
-    """Output and applied weights of query rows ``[i0, i1)`` (``kx``, ``vx``: key/value heads already repeated)."""
-    s = scores(inp, i0, i1, kx)
-    visible = inp.visible(i0, i1)
-    if visible is not None:
-        s = s.masked_fill(~visible, 0.0)  # finite everywhere, as the weights contract promises
-    if on_scores is not None:
-        on_scores(s, visible)
-    w = weights(s, visible, module)
-    if visible is not None:
-        w = w.masked_fill(~visible, 0.0)
-    if seed is not None:
-        keep = keep_mask(seed, inp.dropout_p, inp.batch, inp.heads, inp.nq, inp.nk, i0, i1, s.device)
-        w = w * keep / (1.0 - inp.dropout_p)
-    return torch.matmul(w.to(vx.dtype), vx), w
+@dataclass
+class _Engine:
+    """One materialized call: the validated inputs, the weights function and what every row block shares."""
+
+    inp: AttentionInputs
+    weights: WeightsFn
+    module: nn.Module | None
+    seed: int | None  # dropout seed (None = no dropout)
+    kx: Tensor  # keys with their heads repeated to Hq
+    vx: Tensor  # values with their heads repeated to Hq
+
+    def rows(self, i0: int, i1: int, on_scores: ScoresHook | None = None) -> tuple[Tensor, Tensor]:
+        """Output and applied weights of query rows ``[i0, i1)``."""
+        inp = self.inp
+        s = scores(inp, i0, i1, self.kx)
+        visible = inp.visible(i0, i1)
+        if visible is not None:
+            s = s.masked_fill(~visible, 0.0)  # finite everywhere, as the weights contract promises
+        if on_scores is not None:
+            on_scores(s, visible)
+        w = self.weights(s, visible, self.module)
+        if visible is not None:
+            w = w.masked_fill(~visible, 0.0)
+        if self.seed is not None:
+            keep = keep_mask(self.seed, inp.dropout_p, inp.batch, inp.heads, inp.nq, inp.nk, i0, i1, s.device)
+            w = w * keep / (1.0 - inp.dropout_p)
+        return torch.matmul(w.to(self.vx.dtype), self.vx), w
 
 
 def materialized(inp: AttentionInputs, weights: WeightsFn, module: nn.Module | None = None, *,
@@ -89,10 +101,10 @@ def materialized(inp: AttentionInputs, weights: WeightsFn, module: nn.Module | N
     most :data:`MATERIALIZED_TILE_SCORES` scores; otherwise blocks of query rows of that size, each recomputed in the
     backward (``torch.utils.checkpoint``), so the activation memory stays O(Nq * D) plus one block."""
     seed = draw_seed(inp.generator) if inp.dropout_p > 0 else None
-    kx, vx = repeat_kv(inp.k, inp.heads), repeat_kv(inp.v, inp.heads)
+    engine = _Engine(inp, weights, module, seed, repeat_kv(inp.k, inp.heads), repeat_kv(inp.v, inp.heads))
     per_row = max(1, inp.batch * inp.heads * inp.nk)
     if return_weights or on_scores is not None or per_row * inp.nq <= MATERIALIZED_TILE_SCORES:
-        out, w = _rows(inp, weights, module, seed, kx, vx, 0, inp.nq, on_scores)
+        out, w = engine.rows(0, inp.nq, on_scores)
         return (out, w) if return_weights else out
     rows = max(1, MATERIALIZED_TILE_SCORES // per_row)
     grad = torch.is_grad_enabled()
@@ -101,7 +113,7 @@ def materialized(inp: AttentionInputs, weights: WeightsFn, module: nn.Module | N
         i1 = min(inp.nq, i0 + rows)
 
         def block(i0: int = i0, i1: int = i1) -> Tensor:
-            return _rows(inp, weights, module, seed, kx, vx, i0, i1, None)[0]
+            return engine.rows(i0, i1)[0]
 
         outs.append(torch.utils.checkpoint.checkpoint(block, use_reentrant=False) if grad else block())
     return torch.cat(outs, dim=2)

@@ -32,7 +32,7 @@ cut and followed by ``~`` and 8 hex digits of its SHA-256, so ids stay unique, r
 Under ``torchrun`` every rank runs the same runs (DDP inside :func:`sasoftmax.lm.trainer.train`); rank 0 alone
 evaluates and writes ``result.json`` / ``grid.json``.
 """
-from .runner import EVAL_BARRIER_TIMEOUT_S, evaluate_run, run_grid
+from .runner import EVAL_BARRIER_TIMEOUT_S, GridOutcome, evaluate_run, run_grid
 from .spec import (
     DEFAULT_MULTIPLIERS,
     EvalSpec,
@@ -76,6 +76,7 @@ __all__ = [
     "format_value",
     "run_state",
     "run_grid",
+    "GridOutcome",
     "evaluate_run",
     "collect_results",
     "write_grid_json",

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -33,7 +34,7 @@ from .store import (
     write_grid_json,
 )
 
-__all__ = ["run_grid", "evaluate_run", "EVAL_BARRIER_TIMEOUT_S"]
+__all__ = ["run_grid", "evaluate_run", "GridOutcome", "EVAL_BARRIER_TIMEOUT_S"]
 
 log = logging.getLogger("sasoftmax.lm.grid")
 
@@ -90,81 +91,114 @@ def evaluate_run(run: GridRun, spec: EvalSpec, summary: dict[str, Any], data) ->
                                out=run.run_dir / "eval.json")
 
 
+@dataclass
+class GridOutcome:
+    """What :func:`run_grid` did: run ids selected, by state before running, trained, evaluated, skipped (done),
+    failed (with the error), and the ``grid.json`` written. Readable as a mapping too (``outcome["failed"]``)."""
+
+    selected: list[str]
+    states: dict[str, str]
+    trained: list[str] = field(default_factory=list)
+    evaluated: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    grid_json: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def run_grid(grid: Grid, *, only: Iterable[str] = (), shard: tuple[int, int] | str | None = None,
-             dry_run: bool = False, quiet: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
+             dry_run: bool = False, quiet: bool = False, stream: TextIO | None = None) -> GridOutcome:
     """Train and evaluate the selected runs of ``grid`` (skipping finished ones), then write ``grid.json``.
 
-    Returns ``{"selected", "trained", "evaluated", "skipped", "failed", "states", "grid_json"}`` (run-id lists; in
-    a dry run only ``selected`` and ``states``). A run whose training loss becomes non-finite gets ``error.json``
-    instead of ``result.json`` and the grid goes on. :class:`GridError` for an invalid filter/shard, a run directory
-    holding a different training config, or evaluation lengths the data cannot hold."""
+    Returns a :class:`GridOutcome` (in a dry run only ``selected`` and ``states`` are filled). A run whose training
+    loss becomes non-finite gets ``error.json`` instead of ``result.json`` and the grid goes on. :class:`GridError`
+    for an invalid filter/shard, a run directory holding a different training config, or evaluation lengths the data
+    cannot hold."""
     stream = stream or sys.stdout
     runs = select_runs(grid, only, shard)
     states = {r.run_id: run_state(r, grid.eval) for r in runs}
-    outcome: dict[str, Any] = {"selected": [r.run_id for r in runs], "states": states, "trained": [],
-                               "evaluated": [], "skipped": [], "failed": {}, "grid_json": None}
+    outcome = GridOutcome([r.run_id for r in runs], states)
+    ranks = Dist.from_env()
     if dry_run:
-        if Dist.from_env().main:
+        if ranks.main:
             _print_dry_run(grid, runs, states, stream)
         return outcome
     stale = [r.run_id for r in runs if states[r.run_id] == "stale"]
     if stale:
         raise GridError(f"run directory {grid.out_dir / 'runs' / stale[0]} holds a different training config "
                         f"({len(stale)} such run(s)); delete it or use another --out")
-    ranks = Dist.from_env()
     # rank 0 evaluates each run while the others wait at a barrier: allow long evaluations
     with ranks.start(_device(grid.base, ranks), timeout_s=EVAL_BARRIER_TIMEOUT_S):
-        data = _DataCache(ranks)
-        todo = [r for r in runs if states[r.run_id] != "done"]
-        _check_eval_fits(todo, grid.eval, data.get)
+        runner = _Runner(grid, ranks, _DataCache(ranks), quiet, outcome, stream)
+        _check_eval_fits([r for r in runs if states[r.run_id] != "done"], grid.eval, runner.data.get)
         for n, run in enumerate(runs, 1):
-            _run_one(grid, run, n, len(runs), ranks, data, quiet, outcome, stream)
+            runner.run_one(run, f"[{n}/{len(runs)}] {run.run_id}")
         if ranks.main:
-            outcome["grid_json"] = str(write_grid_json(grid))
+            outcome.grid_json = str(write_grid_json(grid))
             results = collect_results(grid.out_dir)
             order = {r.run_id: r.index for r in grid.runs}
             ordered = dict(sorted(results.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
             print(format_results_table(ordered), file=stream, flush=True)
-            print(f"wrote {outcome['grid_json']}", file=stream, flush=True)
+            print(f"wrote {outcome.grid_json}", file=stream, flush=True)
     return outcome
 
 
-def _run_one(grid: Grid, run: GridRun, n: int, total: int, ranks: Dist, data: _DataCache, quiet: bool,
-             outcome: dict[str, Any], stream: TextIO) -> None:
-    state = ranks.from_main(run_state(run, grid.eval))
-    prefix = f"[{n}/{total}] {run.run_id}"
-    if state == "done":
-        if ranks.main:
-            log.info("%s: skipped (result.json matches this training config and evaluation)", prefix)
-        outcome["skipped"].append(run.run_id)
-        return
-    previous = ranks.from_main(previous_result(run) if ranks.main else None)
-    if ranks.main:
+@dataclass
+class _Runner:
+    grid: Grid
+    ranks: Dist
+    data: _DataCache
+    quiet: bool
+    outcome: GridOutcome
+    stream: TextIO
+
+    def say(self, msg: str) -> None:
+        if self.ranks.main:
+            print(msg, file=self.stream, flush=True)
+
+    def run_one(self, run: GridRun, prefix: str) -> None:
+        """Train (or resume, or re-evaluate) one run, evaluate it and record its result (rank 0)."""
+        ranks, outcome = self.ranks, self.outcome
+        state = ranks.from_main(run_state(run, self.grid.eval))
+        if state == "done":
+            if ranks.main:
+                log.info("%s: skipped (result.json matches this training config and evaluation)", prefix)
+            outcome.skipped.append(run.run_id)
+            return
+        previous = ranks.from_main(previous_result(run) if ranks.main else None)
         what = "re-evaluating" if previous is not None else ("resuming" if state != "pending" else "training")
-        print(f"{prefix}: {what}", file=stream, flush=True)
-    tokens = data.get(run.config)
-    try:
-        summary = _train_run(run, tokens, quiet, previous)
-    except FloatingPointError as err:
-        outcome["failed"][run.run_id] = str(err)
+        self.say(f"{prefix}: {what}")
+        tokens = self.data.get(run.config)
+        try:
+            summary = _train_run(run, tokens, self.quiet, previous)
+        except FloatingPointError as err:
+            outcome.failed[run.run_id] = str(err)
+            if ranks.main:
+                write_json_atomic(run.run_dir / "error.json", {"schema": SCHEMA_VERSION, "run_id": run.run_id,
+                                                               "axes": run.axes, "error": str(err), "at": utc_now()})
+            self.say(f"{prefix}: FAILED: {err}")
+            return
+        if previous is None:
+            outcome.trained.append(run.run_id)
         if ranks.main:
-            write_json_atomic(run.run_dir / "error.json", {"schema": SCHEMA_VERSION, "run_id": run.run_id,
-                                                           "axes": run.axes, "error": str(err), "at": utc_now()})
-            print(f"{prefix}: FAILED: {err}", file=stream, flush=True)
-        return
-    if previous is None:
-        outcome["trained"].append(run.run_id)
-    if ranks.main:
-        evaluation = evaluate_run(run, grid.eval, summary, tokens)
-        write_json_atomic(run.run_dir / "result.json", result_record(run, grid.eval, summary, evaluation,
-                                                                     grid.source))
+            self._record(run, summary, tokens, prefix)
+        outcome.evaluated.append(run.run_id)
+        ranks.barrier()
+
+    def _record(self, run: GridRun, summary: dict[str, Any], tokens: Any, prefix: str) -> None:
+        evaluation = evaluate_run(run, self.grid.eval, summary, tokens)
+        record = result_record(run, self.grid.eval, summary, evaluation, self.grid.source)
+        write_json_atomic(run.run_dir / "result.json", record)
         (run.run_dir / "error.json").unlink(missing_ok=True)
         ppl = ", ".join(f"{r['length']}: {r['ppl']:.3f}" for r in evaluation["results"])
         val = summary.get("val_loss")
         val_text = f"{val:.4f}" if isinstance(val, float) else str(val)
-        print(f"{prefix}: val loss {val_text}, ppl {ppl}", file=stream, flush=True)
-    outcome["evaluated"].append(run.run_id)
-    ranks.barrier()
+        self.say(f"{prefix}: val loss {val_text}, ppl {ppl}")
 
 
 def _print_dry_run(grid: Grid, runs: Sequence[GridRun], states: dict[str, str], stream: TextIO) -> None:

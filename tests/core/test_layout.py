@@ -1,0 +1,131 @@
+"""The package's architecture, checked: the core never imports the harness, old import paths still work (with a
+warning), and functions stay small (``docs/architecture.md``)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "sasoftmax"
+
+# old path -> new module (kept for one release, each with a DeprecationWarning)
+MOVED = {
+    "sasoftmax.model": "sasoftmax.lm.model",
+    "sasoftmax.data": "sasoftmax.lm.data",
+    "sasoftmax.checkpoint": "sasoftmax.lm.checkpoint",
+    "sasoftmax.diagnostics": "sasoftmax.lm.diagnostics",
+    "sasoftmax.report": "sasoftmax.lm.report",
+    "sasoftmax.grid": "sasoftmax.lm.grid",
+    "sasoftmax.cli": "sasoftmax.lm.cli",
+    "sasoftmax.peers": "sasoftmax.normalizers.peers",
+}
+# old paths whose contents were split over several new modules: old path -> {name: new module}
+SPLIT = {
+    "sasoftmax.train": {"TrainConfig": "sasoftmax.lm.config", "load_config": "sasoftmax.lm.config",
+                        "ConfigError": "sasoftmax.lm.config", "train": "sasoftmax.lm.trainer",
+                        "lr_at": "sasoftmax.lm.trainer"},
+    "sasoftmax.evaluate": {"evaluate_checkpoint": "sasoftmax.lm.evaluate", "gradient_demo": "sasoftmax.lm.evaluate",
+                           "run_comparison": "sasoftmax.lm.compare"},
+}
+SHIMS = {name.split(".")[1] + ".py" for name in [*MOVED, *SPLIT]}
+ENTRY_POINTS = {"__main__.py"}  # ``python -m sasoftmax`` is the harness's command line
+
+# Public signatures that mirror an outside convention (SDPA, nn.MultiheadAttention, the normalizer calling convention)
+# or are keyword-option entry points: allowed more than 8 parameters.
+MANY_PARAMETERS = {
+    "attention/api.py:sa_attention", "attention/api.py:sa_attention_with_weights", "attention/inputs.py:prepare",
+    "attention/materialized.py:materialized_attention", "integrations/nn.py:__init__",
+    "normalizers/builtin.py:softmax_attention", "normalizers/builtin.py:fn", "lm/compare.py:run_comparison",
+    "lm/evaluate.py:evaluate_checkpoint", "attention/dropout.py:keep_mask",
+}
+MAX_LINES, MAX_PARAMS = 80, 8
+
+
+def _core_files() -> list[Path]:
+    return [p for p in sorted(SRC.rglob("*.py"))
+            if "lm" not in p.relative_to(SRC).parts and p.relative_to(SRC).as_posix() not in SHIMS | ENTRY_POINTS]
+
+
+def _imported_modules(path: Path) -> list[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved against its package)."""
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            mod = ".".join([*base, *([node.module] if node.module else [])])
+            names += [mod] + [f"{mod}.{a.name}" for a in node.names]
+    return names
+
+
+def test_core_never_imports_the_harness():
+    offenders = {p.relative_to(SRC).as_posix(): [m for m in _imported_modules(p) if m.startswith("sasoftmax.lm")]
+                 for p in _core_files()}
+    offenders = {k: v for k, v in offenders.items() if v}
+    assert not offenders, f"core modules import sasoftmax.lm: {offenders}"
+    assert len(_core_files()) > 10  # the scan saw the package
+
+
+def test_importing_the_core_loads_no_harness_module():
+    core = ["sasoftmax", "sasoftmax.attention", "sasoftmax.normalizers", "sasoftmax.positional", "sasoftmax.nn",
+            "sasoftmax.functional", "sasoftmax.utils", "sasoftmax.integrations.nn"]
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in core)
+            + "print(sorted(m for m in sys.modules if m.startswith('sasoftmax.lm')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("old,new", sorted(MOVED.items()))
+def test_moved_modules_still_import_with_a_warning(old, new):
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
+
+
+@pytest.mark.parametrize("old", sorted(SPLIT))
+def test_split_modules_reexport_their_names_with_a_warning(old):
+    sys.modules.pop(old, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(old)
+    assert any(issubclass(w.category, DeprecationWarning) and old in str(w.message) for w in caught)
+    for name, new in SPLIT[old].items():
+        assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+def _is_triton_kernel(node: ast.FunctionDef) -> bool:
+    for d in node.decorator_list:
+        target = d.func if isinstance(d, ast.Call) else d
+        if isinstance(target, ast.Attribute) and target.attr == "jit":
+            return True
+    return False
+
+
+def test_functions_stay_small():
+    too_long, too_many = [], []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or _is_triton_kernel(node):
+                continue
+            lines = node.end_lineno - node.lineno + 1
+            a = node.args
+            params = [x for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+            if lines > MAX_LINES:
+                too_long.append(f"{rel}:{node.lineno} {node.name} ({lines} lines)")
+            if len(params) > MAX_PARAMS and f"{rel}:{node.name}" not in MANY_PARAMETERS:
+                too_many.append(f"{rel}:{node.lineno} {node.name} ({len(params)} parameters)")
+    assert not too_long, f"functions over {MAX_LINES} lines: {too_long}"
+    assert not too_many, f"functions with more than {MAX_PARAMS} parameters: {too_many}"
