@@ -32,21 +32,26 @@ def qkv(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: int, dtype: tor
 
 
 
-BACKENDS = ["reference", "chunked"]
-# (backend, chunked block size): None = the backend's default; "N" = one block holding every query row.
-RUNNERS = [("reference", None), ("chunked", None), ("chunked", 1), ("chunked", 3), ("chunked", "N")]
-RUNNER_IDS = ["reference", "chunked", "chunked-b1", "chunked-b3", "chunked-bN"]
+BACKENDS = ["reference", "chunked", "cpp"]
+# (backend, block size in query rows): None = the backend's default; "N" = one block holding every query row. The
+# fused kernel's default block holds every row of these small cases, so "cpp" is its "N" too.
+RUNNERS = [("reference", None), ("chunked", None), ("chunked", 1), ("chunked", 3), ("chunked", "N"), ("cpp", None),
+           ("cpp", 1), ("cpp", 3)]
+RUNNER_IDS = ["reference", "chunked", "chunked-b1", "chunked-b3", "chunked-bN", "cpp", "cpp-b1", "cpp-b3"]
 
 
 def run_sa(backend: str, block_size: int | str | None, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
-    """``sa_attention`` through ``backend``; for ``chunked`` with a ``block_size`` the backend is called directly."""
+    """``sa_attention`` through ``backend``; for ``chunked``/``cpp`` with a ``block_size`` the backend is called
+    directly."""
     from sasoftmax import sa_attention
     from sasoftmax.attention import prepare
     from sasoftmax.attention.chunked import chunked_attention
+    from sasoftmax.attention.cpp_backend import cpp_attention
 
-    if backend == "chunked" and block_size is not None:
+    if backend in ("chunked", "cpp") and block_size is not None:
         rows = q.shape[2] if block_size == "N" else int(block_size)
-        return chunked_attention(prepare(q, k, v, *args, **kwargs), block_size=rows)
+        fn = chunked_attention if backend == "chunked" else cpp_attention
+        return fn(prepare(q, k, v, *args, **kwargs), block_size=rows)
     return sa_attention(q, k, v, *args, backend=backend, **kwargs)
 
 

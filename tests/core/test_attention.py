@@ -383,8 +383,9 @@ def test_dropout_gqa_same_entries(block):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
-def test_auto_backend_on_cpu_is_chunked():
+def test_auto_backend_on_cpu_is_cpp():
+    """On the CPU ``auto`` runs the fused kernel (tests/core/test_cpp_backend.py checks it is really the one chosen)."""
     q, k, v = qkv(1, 2, 2, 4, 4, 3, 3, torch.float64, seed=35)
     a = sa_attention(q, k, v, is_causal=True)
-    b = sa_attention(q, k, v, is_causal=True, backend="chunked")
+    b = sa_attention(q, k, v, is_causal=True, backend="cpp")
     torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -8,7 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import cpp_backend, ops  # noqa: F401  (ops: registers the sasoftmax:: custom ops)
 from .chunked import chunked_attention
+from .cpp_backend import cpp_attention
 from .inputs import AttentionInputs, autocast_inputs, prepare, run_without_autocast
 from .materialized import materialized, reference_attention, sa_weights
 
@@ -37,6 +39,7 @@ def _triton(inp: AttentionInputs) -> Tensor:
 BACKENDS: dict[str, Callable[[AttentionInputs], Tensor]] = {
     "reference": _reference,
     "chunked": chunked_attention,
+    "cpp": cpp_attention,
     "triton": _triton,
 }
 
@@ -46,18 +49,42 @@ def available_backends() -> list[str]:
     return ["auto", *BACKENDS]
 
 
+_WARNED: set[str] = set()
+
+
+def _debug(msg: str, *args) -> None:
+    if not torch.compiler.is_compiling():  # (a logging call would break a compiled graph)
+        log.debug(msg, *args)
+
+
+def _auto_cpu(inp: AttentionInputs) -> str:
+    """The fused C++ kernel when it can run the call, else the chunked backend (the reason in the debug log; a
+    kernel that cannot be built at all also gets one warning per process)."""
+    reason = cpp_backend.unsupported_reason(inp)
+    if reason is None:
+        return "cpp"
+    if reason == cpp_backend.load_error() and reason not in _WARNED and not torch.compiler.is_compiling():
+        _WARNED.add(reason)
+        log.warning("sasoftmax: the fused CPU attention kernel is unavailable (%s); using the chunked backend", reason)
+    _debug("auto: cpp cannot run this call (%s); using chunked", reason)
+    return "chunked"
+
+
 def _auto(inp: AttentionInputs) -> str:
-    """Pick the fastest backend that supports the call: Triton on CUDA when it can, else the chunked path."""
+    """Pick the fastest backend that supports the call: Triton on CUDA when it can, the fused C++ kernel on the CPU
+    when it can, else the chunked path."""
+    if inp.q.device.type == "cpu":
+        return _auto_cpu(inp)
     if inp.q.is_cuda:
         try:
             from .triton_backend import unsupported_reason
         except ImportError as err:
-            log.debug("auto: triton unavailable (%s); using chunked", err)
+            _debug("auto: triton unavailable (%s); using chunked", err)
             return "chunked"
         reason = unsupported_reason(inp)
         if reason is None:
             return "triton"
-        log.debug("auto: triton cannot run this call (%s); using chunked", reason)
+        _debug("auto: triton cannot run this call (%s); using chunked", reason)
     return "chunked"
 
 
@@ -96,7 +123,9 @@ def sa_attention(
         dropout_p: dropout on the SA weights (pass 0.0 in evaluation, as with SDPA).
         eps: denominator bias of the normalized form.
         generator: random generator for dropout (default: torch's global generator).
-        backend: ``"auto"``, ``"reference"`` (materialized), ``"chunked"`` (memory-efficient) or ``"triton"``.
+        backend: ``"auto"``, ``"reference"`` (materialized), ``"chunked"`` (memory-efficient), ``"cpp"`` (the fused
+            CPU kernel) or ``"triton"`` (the fused GPU kernel). ``"auto"`` picks Triton on CUDA and the fused kernel
+            on the CPU when they can run the call, else ``"chunked"``.
 
     Returns:
         ``(B, Hq, Nq, Dv)`` in the input dtype (under autocast: the autocast dtype). Rows with no visible key are 0.

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .dropout import draw_seed, keep_mask
+from .dropout import keep_mask
 from .inputs import AttentionInputs, causal_block, tile
 
 # Scores per tile (elements) when short rows are grouped over heads/batch entries: a few of these float32 tiles stay
@@ -190,8 +189,9 @@ def _forward_rows(sc: _Scores, norm: bool, want_idx: bool, eps: float):
     return s.sub_(a).mul_(p), r, a, b, imin, imax
 
 
-def _backward_rows(sc: _Scores, dP, delta, a, b, norm: bool, range_grad: bool, need_w: bool, eps: float):
-    """Row math of one backward tile (``sc.s`` recomputed, masked entries -inf; ``dP`` already dropout-scaled).
+def _backward_rows(sc: _Scores, dP, delta, ab, range_grad: bool, need_w: bool, eps: float):
+    """Row math of one backward tile (``sc.s`` recomputed, masked entries -inf; ``dP`` already dropout-scaled;
+    ``ab = (a, b)`` per row for the normalized form, None for the plain one).
 
     Returns ``(ds, w, delta0, c)``: the score gradient without the range terms, the applied weights (for dv),
     ``Delta0 = sum_j p_j dP_j`` (range gradient only) and ``c``."""
@@ -200,7 +200,8 @@ def _backward_rows(sc: _Scores, dP, delta, a, b, norm: bool, range_grad: bool, n
         p.masked_fill_(sc.empty, 0.0)
     s = sc.zero_masked()
     delta0 = c = None
-    if norm:
+    if ab is not None:
+        a, b = ab
         c = 1.0 / (b - a + eps)
         if range_grad:
             delta0 = torch.linalg.vecdot(p, dP, dim=-1).unsqueeze(-1)
@@ -321,79 +322,83 @@ def _forward_tiles(inp: AttentionInputs, tiles: list[Tile], seed: int | None, wi
     return out, (a_all, b_all, i_min, i_max)
 
 
-class _ChunkedSA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, inp: AttentionInputs, tiles: list[Tile]):
-        seed = draw_seed(inp.generator) if inp.dropout_p > 0 else None
-        out, stats = _forward_tiles(inp, tiles, seed, with_stats=True)
-        ctx.save_for_backward(q, k, v, bias, out, *stats)
-        ctx.inp, ctx.tiles, ctx.seed = inp, tiles, seed
-        return out
+def forward_op(inp: AttentionInputs, seed: int | None, block_rows: int | None, need_stats: bool):
+    """The forward of the ``sasoftmax::attention_fwd`` op (:mod:`.ops`) for this backend: ``(out, stats, idx)`` with
+    ``stats = [a, b]`` per row (normalized form) and ``idx = [arg-min, arg-max]`` (differentiated range), each
+    ``(B, Hq, Nq, 2)`` when ``need_stats`` (a backward will follow), else empty."""
+    tiles = plan_tiles(inp, rows=block_rows)
+    out, (a_all, b_all, i_min, i_max) = _forward_tiles(inp, tiles, seed, with_stats=need_stats)
+    stats = torch.cat([a_all, b_all], dim=-1) if a_all is not None else out.new_empty(0, dtype=inp.compute_dtype)
+    idx = torch.cat([i_min, i_max], dim=-1) if i_min is not None else out.new_empty(0, dtype=torch.long)
+    return out, stats, idx
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, bias, out, a_all, b_all, i_min, i_max = ctx.saved_tensors
-        inp: AttentionInputs = ctx.inp
-        cdt, G = inp.compute_dtype, inp.groups
-        norm, range_grad = inp.normalize, inp.normalize and not inp.detach_range
-        need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
-        # Scores are recomputed exactly as in the forward; everything after runs in the compute dtype.
-        kc, vc, qc = k.to(cdt), v.to(cdt), q.to(cdt)
-        g_all = grad_out.to(cdt)
-        delta_all = (g_all * out.to(cdt)).sum(dim=-1, keepdim=True)  # Delta = g . o per row
-        dq = torch.empty_like(qc, memory_format=torch.contiguous_format) if need_q else None
-        # dk and dv accumulate transposed, (B, Hkv, D, Nk): the products then read the tile in its natural layout
-        dkT = kc.new_zeros(kc.shape[0], kc.shape[1], kc.shape[3], kc.shape[2]) if need_k else None
-        dvT = vc.new_zeros(vc.shape[0], vc.shape[1], vc.shape[3], vc.shape[2]) if need_v else None
-        dbias = torch.zeros(bias.shape, dtype=cdt, device=q.device) if need_bias else None
-        workers = _workers(ctx.tiles, inp)
-        # a broadcast bias is shared between tiles of different workers: each worker sums into its own buffer
-        dbias_w = [dbias] + [torch.zeros_like(dbias) for _ in range(workers - 1)] if need_bias else None
 
-        def one(tl: Tile, worker: int) -> None:
-            sc = _Scores(inp, q, bias, tl)
-            rows = (tl.bs, tl.hs, slice(tl.i0, tl.i1))
-            g = g_all[rows]
-            g3 = _mm_in(g, G)
-            delta = delta_all[rows]
-            dP = _mm_out(torch.bmm(g3, _kv3(vc, tl).transpose(1, 2)), sc.b, sc.h)
-            keep = None
-            if ctx.seed is not None:
-                keep = _dropout_keep(inp, ctx.seed, tl, q.device).to(cdt).mul_(1.0 / (1.0 - inp.dropout_p))
-                dP.mul_(keep)
-            a = b = None
-            if norm:
-                a, b = a_all[rows], b_all[rows]
-            ds, w, delta0, c = _backward_rows(sc, dP, delta, a, b, norm, range_grad, need_v, inp.eps)
-            if range_grad:
-                ds.scatter_add_(-1, i_min[rows], c * (delta - delta0) * (a < 0))
-                ds.scatter_add_(-1, i_max[rows], -c * delta * (b > 0))
-            if need_v:
-                if keep is not None:
-                    w.mul_(keep)
-                _acc3(dvT, tl).baddbmm_(g3.transpose(1, 2), _mm_in(w, G))
-            ds3 = _mm_in(ds, G)
-            if need_q:
-                dq[rows] = _mm_out(torch.bmm(ds3, _kv3(kc, tl)), sc.b, sc.h).mul_(inp.scale)
-            if need_k:
-                q3 = sc.q3 if sc.q3.dtype == cdt else _mm_in(qc[rows], G)
-                _acc3(dkT, tl).baddbmm_(q3.transpose(1, 2), ds3, alpha=inp.scale)
-            if need_bias:
-                _accumulate_bias_grad(dbias_w[worker], ds, tl)
+def backward_op(inp: AttentionInputs, seed: int | None, block_rows: int | None, grad_out: Tensor, out: Tensor,
+                stats: Tensor, idx: Tensor, needs: tuple[bool, bool, bool, bool]):
+    """The backward of the ``sasoftmax::attention_bwd`` op for this backend: ``(dq, dk, dv, dbias)`` for the inputs
+    flagged in ``needs`` (None for the others), from the forward's ``out``, ``stats`` and ``idx``."""
+    q, k, v, bias = inp.q, inp.k, inp.v, inp.bias
+    cdt, G = inp.compute_dtype, inp.groups
+    norm, range_grad = inp.normalize, inp.normalize and not inp.detach_range
+    need_q, need_k, need_v, need_bias = needs
+    need_bias = need_bias and bias is not None
+    tiles = plan_tiles(inp, rows=block_rows)
+    a_all, b_all = (stats[..., 0:1], stats[..., 1:2]) if norm else (None, None)
+    i_min, i_max = (idx[..., 0:1], idx[..., 1:2]) if range_grad else (None, None)
+    # Scores are recomputed exactly as in the forward; everything after runs in the compute dtype.
+    kc, vc, qc = k.to(cdt), v.to(cdt), q.to(cdt)
+    g_all = grad_out.to(cdt)
+    delta_all = (g_all * out.to(cdt)).sum(dim=-1, keepdim=True)  # Delta = g . o per row
+    dq = torch.empty_like(qc, memory_format=torch.contiguous_format) if need_q else None
+    # dk and dv accumulate transposed, (B, Hkv, D, Nk): the products then read the tile in its natural layout
+    dkT = kc.new_zeros(kc.shape[0], kc.shape[1], kc.shape[3], kc.shape[2]) if need_k else None
+    dvT = vc.new_zeros(vc.shape[0], vc.shape[1], vc.shape[3], vc.shape[2]) if need_v else None
+    dbias = torch.zeros(bias.shape, dtype=cdt, device=q.device) if need_bias else None
+    workers = _workers(tiles, inp)
+    # a broadcast bias is shared between tiles of different workers: each worker sums into its own buffer
+    dbias_w = [dbias] + [torch.zeros_like(dbias) for _ in range(workers - 1)] if need_bias else None
 
-        _for_each_tile(one, ctx.tiles, inp, workers)
+    def one(tl: Tile, worker: int) -> None:
+        sc = _Scores(inp, q, bias, tl)
+        rows = (tl.bs, tl.hs, slice(tl.i0, tl.i1))
+        g = g_all[rows]
+        g3 = _mm_in(g, G)
+        delta = delta_all[rows]
+        dP = _mm_out(torch.bmm(g3, _kv3(vc, tl).transpose(1, 2)), sc.b, sc.h)
+        keep = None
+        if seed is not None:
+            keep = _dropout_keep(inp, seed, tl, q.device).to(cdt).mul_(1.0 / (1.0 - inp.dropout_p))
+            dP.mul_(keep)
+        a = b = None
+        if norm:
+            a, b = a_all[rows], b_all[rows]
+        ds, w, delta0, c = _backward_rows(sc, dP, delta, (a, b) if norm else None, range_grad, need_v, inp.eps)
+        if range_grad:
+            ds.scatter_add_(-1, i_min[rows], c * (delta - delta0) * (a < 0))
+            ds.scatter_add_(-1, i_max[rows], -c * delta * (b > 0))
+        if need_v:
+            if keep is not None:
+                w.mul_(keep)
+            _acc3(dvT, tl).baddbmm_(g3.transpose(1, 2), _mm_in(w, G))
+        ds3 = _mm_in(ds, G)
+        if need_q:
+            dq[rows] = _mm_out(torch.bmm(ds3, _kv3(kc, tl)), sc.b, sc.h).mul_(inp.scale)
+        if need_k:
+            q3 = sc.q3 if sc.q3.dtype == cdt else _mm_in(qc[rows], G)
+            _acc3(dkT, tl).baddbmm_(q3.transpose(1, 2), ds3, alpha=inp.scale)
         if need_bias:
-            for extra in dbias_w[1:]:
-                dbias += extra
-        return (
-            None if dq is None else dq.to(q.dtype),
-            None if dkT is None else dkT.transpose(-1, -2).to(k.dtype, memory_format=torch.contiguous_format),
-            None if dvT is None else dvT.transpose(-1, -2).to(v.dtype, memory_format=torch.contiguous_format),
-            None if dbias is None else dbias.to(bias.dtype),
-            None,
-            None,
-        )
+            _accumulate_bias_grad(dbias_w[worker], ds, tl)
+
+    _for_each_tile(one, tiles, inp, workers)
+    if need_bias:
+        for extra in dbias_w[1:]:
+            dbias += extra
+    return (
+        None if dq is None else dq.to(q.dtype),
+        None if dkT is None else dkT.transpose(-1, -2).to(k.dtype, memory_format=torch.contiguous_format),
+        None if dvT is None else dvT.transpose(-1, -2).to(v.dtype, memory_format=torch.contiguous_format),
+        None if dbias is None else dbias.to(bias.dtype),
+    )
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, tl: Tile) -> None:
@@ -404,22 +409,8 @@ def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, tl: Tile) -> None:
 
 
 def chunked_attention(inp: AttentionInputs, block_size: int | None = None) -> Tensor:
-    """Memory-efficient SA attention. ``block_size`` fixes the query rows per tile (default: sized automatically)."""
-    if inp.nq == 0 or inp.nk == 0 or inp.batch == 0 or inp.heads == 0 or inp.q.shape[-1] == 0:
-        out = inp.q.new_zeros(inp.batch, inp.heads, inp.nq, inp.v.shape[-1])
-        # keep the graph connected so that .backward() works and yields zero gradients
-        parts = [t.sum() for t in (inp.q, inp.k, inp.v, inp.bias) if t is not None and t.requires_grad]
-        return out + 0.0 * sum(parts) if parts else out
-    if block_size is not None and int(block_size) < 1:
-        raise ValueError(f"`block_size` must be a positive number of query rows, got {block_size}")
-    # Tiles slice k/v per key/value head and q per row block: contiguous inputs keep those slices views
-    # (a no-op for inputs that already are; O(N*D) copies for transposed views such as (B, N, H, D).transpose(1, 2)).
-    inp = replace(inp, q=inp.q.contiguous(), k=inp.k.contiguous(), v=inp.v.contiguous())
-    tiles = plan_tiles(inp, rows=None if block_size is None else int(block_size))
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (inp.q, inp.k, inp.v, inp.bias)
-    )
-    if not needs_grad:  # inference: no statistics kept, no autograd node
-        seed = draw_seed(inp.generator) if inp.dropout_p > 0 else None
-        return _forward_tiles(inp, tiles, seed, with_stats=False)[0]
-    return _ChunkedSA.apply(inp.q, inp.k, inp.v, inp.bias, inp, tiles)
+    """Memory-efficient SA attention (the ``sasoftmax::attention_fwd`` custom op with this backend, see :mod:`.ops`).
+    ``block_size`` fixes the query rows per tile (default: sized automatically)."""
+    from .ops import attention
+
+    return attention(inp, "chunked", block_size)

@@ -10,11 +10,17 @@ from torch import Tensor
 _M32 = 0xFFFFFFFF
 
 
+def seed_tensor(generator: torch.Generator | None) -> Tensor:
+    """One 62-bit seed as an int64 tensor of shape ``(1,)``, drawn from ``generator`` (on its device) or from torch's
+    default CPU generator (so ``torch.manual_seed`` reproduces). No host synchronization, and traceable by
+    ``torch.compile`` (with the default generator): the custom ops of :mod:`.ops` read it inside the op."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(0, 2**62, (1,), generator=generator, device=device)
+
+
 def draw_seed(generator: torch.Generator | None) -> int:
-    """One 62-bit seed from ``generator`` (or torch's default CPU generator, so ``torch.manual_seed`` reproduces)."""
-    if generator is not None and generator.device.type != "cpu":
-        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    """The seed of :func:`seed_tensor` as a Python int (the same draw)."""
+    return int(seed_tensor(generator).item())
 
 
 def _fmix32(h: Tensor) -> Tensor:

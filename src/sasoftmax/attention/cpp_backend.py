@@ -1,0 +1,248 @@
+"""The ``"cpp"`` backend: the fused CPU kernel of ``csrc/`` (docs/cpu_kernel.md), built on first use and cached.
+
+The C++ sources ship with the package. The first call on a machine compiles them with
+``torch.utils.cpp_extension.load`` (ninja and a C++ compiler needed; ``scripts/setup.sh`` does it once at setup) into
+a build directory keyed by a hash of the sources, the torch and Python versions and the compiler flags, so that a
+source change or another torch rebuilds and nothing stale is ever loaded. Later processes import the built library
+directly (no compiler, no ninja). The directory is ``$SASOFTMAX_EXTENSIONS_DIR`` if set, else inside the virtual
+environment (``<venv>/sasoftmax-extensions``), else torch's extensions directory (``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``).
+
+Where the kernel cannot be had (no compiler, no ninja, a failed build, ``SASOFTMAX_CPP=0``), :func:`load_error` says
+why; ``backend="auto"`` then logs one warning and uses the chunked backend, ``backend="cpp"`` raises.
+
+``SASOFTMAX_CPU_GEMM=aten`` makes the kernel use ``at::mm`` instead of the BLAS symbols of torch's MKL build
+(which it otherwise uses after a self-test, see ``csrc/gemm.h``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .inputs import AttentionInputs
+
+__all__ = ["build", "extension", "load_error", "gemm_in_use", "unsupported_reason", "cpp_attention", "block_rows"]
+
+log = logging.getLogger("sasoftmax.attention")
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("sa_cpu.cpp",)
+HEADERS = ("gemm.h", "rows.h")
+
+# Query rows per block: about ROW_BUFFER_ELEMENTS scores per per-thread buffer (the backward keeps three of them),
+# between MIN_ROWS and MAX_ROWS. Measured on a 2-core AVX2 CPU (docs/cpu_kernel.md).
+ROW_BUFFER_ELEMENTS = 1 << 17
+MIN_ROWS = 8
+MAX_ROWS = 64
+# The kernel passes sizes to BLAS as 32-bit integers.
+MAX_DIM = 2**31 - 1
+
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def _cpu_flags() -> tuple[str, list[str]]:
+    """(capability, compiler flags): ATen's vector code for the instruction set torch itself dispatches to here."""
+    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if cap.startswith("AVX512"):
+            return "AVX512", ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
+                              "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+        if cap == "AVX2":
+            return "AVX2", ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    return "DEFAULT", ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _build_flags() -> list[str]:
+    return ["-O3", "-fopenmp", *_cpu_flags()[1]]
+
+
+def _key() -> str:
+    """Hash of everything the built library depends on."""
+    h = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        h.update(name.encode())
+        h.update((CSRC / name).read_bytes())
+    for part in (torch.__version__, str(getattr(torch.version, "git_version", "")), sys.version, platform.machine(),
+                 " ".join(_build_flags()), os.environ.get("CXX", "")):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _root() -> Path:
+    env = os.environ.get("SASOFTMAX_EXTENSIONS_DIR", "").strip()
+    if env:
+        return Path(env)
+    if sys.prefix != sys.base_prefix:  # a virtual environment: keep the build with the environment it belongs to
+        return Path(sys.prefix) / "sasoftmax-extensions"
+    base = os.environ.get("TORCH_EXTENSIONS_DIR", "").strip()
+    return Path(base) if base else Path.home() / ".cache" / "torch_extensions"
+
+
+def _name() -> str:
+    return f"sasoftmax_cpu_{_key()}"
+
+
+def _import_built(name: str, directory: Path) -> ModuleType | None:
+    path = directory / f"{name}.so"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        return None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _toolchain_error() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} is not on PATH)"
+    try:  # the `ninja` package from requirements/main.txt; its binary is not on PATH unless the venv is activated
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    if shutil.which("ninja") is None:
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _compile(name: str, directory: Path) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"sasoftmax: compiling the fused CPU attention kernel (once per source/torch version) into {directory}",
+          file=sys.stderr, flush=True)
+    return cpp_extension.load(
+        name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=_build_flags(),
+        extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False,
+    )
+
+
+def build() -> ModuleType | None:
+    """Load the kernel, compiling it first if this machine has no build for the current sources; None (and
+    :func:`load_error` says why) if it cannot be had. Thread-safe; the outcome is remembered for the process."""
+    with _LOCK:
+        if "done" in _STATE:
+            return _STATE.get("ext")  # type: ignore[return-value]
+        ext, err = None, None
+        if os.environ.get("SASOFTMAX_CPP", "").strip() in ("0", "false", "no", "off"):
+            err = "disabled by SASOFTMAX_CPP=0"
+        else:
+            name = _name()
+            directory = _root() / name
+            try:
+                try:
+                    ext = _import_built(name, directory)
+                except ImportError:  # e.g. another process is writing it right now: build() below waits for it
+                    ext = None
+                if ext is None:
+                    err = _toolchain_error()
+                    if err is None:
+                        ext = _compile(name, directory)
+            except Exception as e:  # noqa: BLE001 - any build or load failure means: use another backend
+                first = str(e).strip().splitlines()
+                err = f"building the C++ kernel failed: {type(e).__name__}: {first[-1] if first else ''}"[:300]
+                ext = None
+        if ext is not None:
+            _STATE["gemm"] = ext.select_gemm(os.environ.get("SASOFTMAX_CPU_GEMM", "blas").strip() or "blas")
+        _STATE.update(done=True, ext=ext, error=err)
+        return ext
+
+
+@torch.compiler.assume_constant_result
+def load_error() -> str | None:
+    """None if the fused kernel is available (building it on first use), else why not. A constant to
+    ``torch.compile`` (evaluated once when tracing), so that backend selection does not break graphs."""
+    build()
+    return _STATE.get("error")  # type: ignore[return-value]
+
+
+def extension() -> ModuleType:
+    """The compiled kernel module; ``RuntimeError`` saying why if it cannot be had."""
+    ext = build()
+    if ext is None:
+        raise RuntimeError(f"backend='cpp' is unavailable: {_STATE.get('error')}")
+    return ext
+
+
+def gemm_in_use() -> str | None:
+    """Which matrix-product implementation the kernel uses ("blas" or "aten (why)"), None if not loaded."""
+    build()
+    return _STATE.get("gemm")  # type: ignore[return-value]
+
+
+def unsupported_reason(inp: AttentionInputs) -> str | None:
+    """``None`` if :func:`cpp_attention` can run ``inp``, else a short human-readable reason."""
+    if inp.q.device.type != "cpu":
+        return f"tensors are on {inp.q.device.type}, the kernel is for the CPU"
+    err = load_error()
+    if err is not None:
+        return err
+    if max(inp.nq, inp.nk, inp.q.shape[-1], inp.v.shape[-1]) > MAX_DIM // 2:
+        return "a sequence length or head_dim too large for the kernel's 32-bit BLAS sizes"
+    return None
+
+
+def block_rows(nk: int, rows: int | None = None) -> int:
+    """Query rows per block of the kernel for ``nk`` keys (``rows`` forces it)."""
+    if rows is not None:
+        return max(1, int(rows))
+    return max(MIN_ROWS, min(MAX_ROWS, ROW_BUFFER_ELEMENTS // max(nk, 1)))
+
+
+def compute_operands(q: Tensor, mask_add: Tensor | None, bias: Tensor | None, slopes: Tensor | None):
+    """The float operands in the kernel's compute dtype (float64 for float64 inputs, else float32), converted
+    without materializing broadcast dims: ``(mask_add, bias, slopes)``."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    slopes = None if slopes is None else slopes.to(cdt).contiguous()
+    return _compact_to(mask_add, cdt), _compact_to(bias, cdt), slopes
+
+
+def _compact_to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` in ``dtype``; dims broadcast with stride 0 are converted once and expanded again."""
+    if t is None or t.dtype == dtype:
+        return t
+    index = tuple(slice(0, 1) if t.stride(d) == 0 and t.shape[d] > 1 else slice(None) for d in range(t.dim()))
+    return t[index].to(dtype).expand(t.shape)
+
+
+def cpp_attention(inp: AttentionInputs, block_size: int | None = None) -> Tensor:
+    """SA attention of a validated CPU call through the fused kernel (``block_size``: query rows per block,
+    default sized from the key count). Raises ``ValueError`` if the kernel cannot run this call and
+    ``RuntimeError`` if the kernel is unavailable."""
+    reason = unsupported_reason(inp)
+    if reason is not None:
+        if reason == load_error():
+            raise RuntimeError(f"backend='cpp' is unavailable: {reason}")
+        raise ValueError(f"backend='cpp' cannot run this call: {reason}")
+    from .ops import attention
+
+    return attention(inp, "cpp", block_size)
+
+
+def main() -> int:
+    """Build (if needed) and report; exit status 1 if unavailable. ``scripts/setup.sh`` runs it as
+    ``python -c "from sasoftmax.attention import cpp_backend; raise SystemExit(cpp_backend.main())"``."""
+    ext = build()
+    if ext is None:
+        print(f"sasoftmax: fused CPU kernel unavailable: {_STATE.get('error')}; the chunked backend will be used")
+        return 1
+    print(f"sasoftmax: fused CPU kernel ready ({ext.capability()}, gemm: {_STATE.get('gemm')}) in "
+          f"{_root() / _name()}")
+    return 0
