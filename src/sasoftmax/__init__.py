@@ -1,11 +1,14 @@
 """sasoftmax: Self-Adjust Softmax (arXiv 2502.18277) for PyTorch.
 
 ``sa_softmax`` is the function; ``sa_attention`` is attention with it, exact in value and gradient, with a
-memory-efficient CPU/GPU path and a fused Triton kernel. See ``design`` notes in the docs for the contract.
+memory-efficient CPU/GPU path and fused kernels. ``docs/contract.md`` is the contract every backend meets.
 """
 
+from . import _hf_auto
 from .attention import available_backends, sa_attention, sa_attention_with_weights
 from .functional import sa_softmax
+
+_hf_auto.install()  # exported GPTs load with transformers' Auto classes (imports nothing now)
 
 __version__ = "0.1.0"
 

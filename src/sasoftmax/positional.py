@@ -87,6 +87,10 @@ class PositionalEncoding(nn.Module):
     def reset_parameters(self) -> None:
         """(Re-)initialize learnable parameters; the model calls this after its own weight init."""
 
+    def reset_buffers(self) -> None:
+        """Recompute the buffers that are not saved in state dicts (loaders that build a model on the meta device,
+        such as transformers' ``from_pretrained``, call this)."""
+
 
 class NoPE(PositionalEncoding):
     """No positional encoding: the causal mask alone carries order."""
@@ -104,8 +108,14 @@ class RoPE(PositionalEncoding):
         if head_dim % 2 != 0:
             raise ValueError(f"RoPE needs an even `head_dim`, got {head_dim}")
         self.base = float(base)
-        inv_freq = self.base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> Tensor:
+        return (self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)).float()
+
+    def reset_buffers(self) -> None:
+        with torch.no_grad():
+            self.inv_freq = self._inv_freq().to(self.inv_freq.device)
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """``cos``/``sin`` of the angles for ``positions (N,)``: each ``(N, D/2)`` float32."""
@@ -152,6 +162,9 @@ class ALiBi(PositionalEncoding):
     def __init__(self, n_head: int, head_dim: int, block_size: int):
         super().__init__(n_head, head_dim, block_size)
         self.register_buffer("slopes", alibi_slopes(n_head), persistent=False)
+
+    def reset_buffers(self) -> None:
+        self.slopes = alibi_slopes(self.n_head).to(self.slopes.device)
 
     def alibi_slopes(self) -> Tensor:
         return self.slopes.float()

@@ -152,3 +152,17 @@ def test_plot_style_colors_by_normalizer_and_short_labels(tmp_path):
     assert len(set(labels)) == len(labels) and all("__" not in lab for lab in labels)
     one = [r for r in runs if r.positional == "alibi" and r.seed == 1]
     assert sorted(_Style(one).line(r)["label"] for r in one) == sorted(r.normalizer for r in one)
+
+
+def test_report_includes_lm_eval_results_when_a_run_has_them(tmp_path):
+    grid = _grid(tmp_path, diag=False)
+    run_id = _run_id("sa_softmax", "alibi", 1)
+    write_json_atomic(grid / "runs" / run_id / "lm_eval.json", {
+        "step": 20, "tasks": ["piqa"],
+        "results": {"piqa": {"alias": "piqa", "acc,none": 0.625, "acc_stderr,none": 0.0125, "acc_norm,none": 0.6}}})
+    text = Path(write_report(grid, tmp_path / "rep")["report"]).read_text()
+    assert "## Downstream tasks (lm-evaluation-harness)" in text
+    assert f"| {run_id} | 20 | piqa | acc | 0.625 | 0.013 |" in text
+    assert f"| {run_id} | 20 | piqa | acc_norm | 0.600 | - |" in text
+    no_eval = Path(write_report(_grid(tmp_path / "other", diag=False), tmp_path / "rep2")["report"]).read_text()
+    assert "Downstream tasks" not in no_eval

@@ -38,6 +38,7 @@ __all__ = [
     "load_checkpoint",
     "list_checkpoints",
     "load_latest",
+    "load_run",
     "prune",
     "set_aside_newer",
     "atomic_write",
@@ -132,6 +133,22 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: {err}") from err
+
+
+def load_run(ckpt: str | os.PathLike, step: int | None = None) -> tuple[Path, dict]:
+    """``(path, state)`` of a checkpoint file, or of a run directory's checkpoint of ``step`` (default: the newest
+    loadable one); :class:`CheckpointError` when there is none."""
+    path = Path(ckpt)
+    if path.is_dir():
+        if step is not None:
+            return checkpoint_path(path, step), load_checkpoint(checkpoint_path(path, step))
+        found = load_latest(path)
+        if found is None:
+            raise CheckpointError(f"--ckpt {path}: the directory holds no checkpoint (ckpt_*.pt)")
+        return found
+    if step is not None:
+        raise ValueError(f"--step {step} needs a run directory, got the checkpoint file {path}")
+    return path, load_checkpoint(path)
 
 
 def load_latest(

@@ -1,4 +1,5 @@
-"""Command line: ``sasoftmax train | eval | diagnose | compare | grad-demo | grid | report``.
+"""Command line: ``sasoftmax train | eval | diagnose | compare | grad-demo | grid | report | export | sample``
+(and ``lm-eval``).
 
 The same commands run as ``python -m sasoftmax``.
 
@@ -12,6 +13,10 @@ The same commands run as ``python -m sasoftmax``.
 * ``sasoftmax grid configs/grid_tiny.toml [--out DIR] [--dry-run] [--only KEY=VALUE] [--shard I/N] [--set K=V]``:
   train and evaluate every run of an experiment grid (:mod:`sasoftmax.lm.grid`), skipping finished runs.
 * ``sasoftmax report GRID_DIR [--out DIR]``: tables and plots of a grid's results (:mod:`sasoftmax.lm.report`).
+* ``sasoftmax export --ckpt RUN [--step N] --out DIR``: a Hugging Face model directory (:mod:`sasoftmax.lm.export`).
+* ``sasoftmax sample --ckpt RUN_OR_EXPORT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]``.
+* ``sasoftmax lm-eval --ckpt RUN --tasks a,b | --suite FILE``: lm-evaluation-harness tasks
+  (:mod:`sasoftmax.lm.downstream`).
 
 ``sasoftmax --import my_pkg.norms <command> ...`` imports a module first (e.g. one that registers a normalizer or a
 positional encoding), so registry entries defined outside the package work in every command.
@@ -192,6 +197,76 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ export, sample
+
+
+def _export_parser(sub: Parsers) -> None:
+    x = sub.add_parser("export", help="write a Hugging Face model directory (AutoModelForCausalLM, lm-eval) of a run")
+    x.add_argument("--ckpt", required=True, help="run directory (newest loadable checkpoint) or checkpoint file")
+    x.add_argument("--step", type=int, help="the checkpoint of this step of the run directory")
+    x.add_argument("--out", required=True, help="new (or empty) directory to write")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.ckpt, args.out, step=args.step, imports=tuple(args.imports))
+    print(f"wrote {out} (AutoModelForCausalLM.from_pretrained after `import sasoftmax`, or trust_remote_code=True)")
+    return 0
+
+
+def _sample_parser(sub: Parsers) -> None:
+    sm = sub.add_parser("sample", help="text from a run, a checkpoint or an exported model")
+    sm.add_argument("--ckpt", required=True, help="run directory, checkpoint file, or `sasoftmax export` directory")
+    sm.add_argument("--prompt", required=True, help="the text to continue")
+    sm.add_argument("--step", type=int, help="the checkpoint of this step of the run directory")
+    sm.add_argument("--max-new-tokens", type=int, default=64)
+    sm.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    sm.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    sm.add_argument("--seed", type=int, help="fix the sampling")
+    sm.add_argument("--max-length", type=int, help="limit on prompt + new tokens (default 16 x the training length)")
+    sm.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .export import load_for_sampling, sample_text
+
+    loaded = load_for_sampling(args.ckpt, step=args.step, device=args.device)
+    text = sample_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, seed=args.seed, max_length=args.max_length)
+    print(args.prompt + text)
+    return 0
+
+
+def _lm_eval_parser(sub: Parsers) -> None:
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a run (exported to a temporary directory)")
+    le.add_argument("--ckpt", required=True, help="run directory (newest loadable checkpoint) or checkpoint file")
+    le.add_argument("--tasks", help="comma-separated task names (or use --suite)")
+    le.add_argument("--suite", help="task suite file, e.g. configs/lm_eval/zero_shot.toml")
+    le.add_argument("--step", type=int, help="the checkpoint of this step of the run directory")
+    le.add_argument("--num-fewshot", type=int)
+    le.add_argument("--batch-size", type=int)
+    le.add_argument("--limit", type=float, help="at most this many examples per task (or a fraction < 1)")
+    le.add_argument("--include-path", help="folder of local task files (YAML)")
+    le.add_argument("--device", default="cpu")
+    le.add_argument("--out", help="JSON output path (default: <run dir>/lm_eval.json)")
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    from .downstream import format_results, read_suite, run_lm_eval
+
+    suite = read_suite(args.suite) if args.suite else {}
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else suite.get("tasks", [])
+    limit = suite.get("limit") if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    record = run_lm_eval(args.ckpt, tasks, step=args.step, num_fewshot=args.num_fewshot
+                         if args.num_fewshot is not None else suite.get("num_fewshot"),
+                         batch_size=args.batch_size or suite.get("batch_size", 1), limit=limit,
+                         include_path=args.include_path, device=args.device, out=args.out,
+                         imports=tuple(args.imports))
+    print(format_results(record))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 
 Command = tuple[Callable[[Parsers], None], Callable[[argparse.Namespace], int]]
@@ -203,6 +278,9 @@ COMMANDS: dict[str, Command] = {
     "grad-demo": (_grad_demo_parser, _grad_demo),
     "grid": (_grid_parser, _grid),
     "report": (_report_parser, _report),
+    "export": (_export_parser, _export),
+    "sample": (_sample_parser, _sample),
+    "lm-eval": (_lm_eval_parser, _lm_eval),
 }
 """Each command: a function adding its sub-parser and one running it (returns the exit status)."""
 
@@ -232,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command][1](args)
-    except (ConfigError, CheckpointError, ValueError) as err:
+    except (ConfigError, CheckpointError, ValueError, FileExistsError, RuntimeError) as err:
         print(f"sasoftmax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 from ..utils import format_table, write_json_atomic
-from .checkpoint import CheckpointError, load_checkpoint, load_latest
+from .checkpoint import load_run
 from .config import DTYPES, TrainConfig
 from .data import TokenData, eval_windows, load_token_data
 
 __all__ = ["evaluate_checkpoint", "evaluate_model", "diagnose_checkpoint", "gradient_demo", "format_gradient_demo",
-           "parse_lengths", "load_run"]
+           "parse_lengths"]
 
 
 def parse_lengths(text: str | Sequence[int] | None) -> list[int] | None:
@@ -109,18 +109,6 @@ def evaluate_model(
     return rows
 
 
-def load_run(ckpt: str | os.PathLike) -> tuple[Path, dict]:
-    """``(path, state)`` of a checkpoint file, or of the newest loadable checkpoint of a run directory;
-    :class:`CheckpointError` when there is none."""
-    path = Path(ckpt)
-    if path.is_dir():
-        found = load_latest(path)
-        if found is None:
-            raise CheckpointError(f"--ckpt {path}: the directory holds no checkpoint (ckpt_*.pt)")
-        return found
-    return path, load_checkpoint(path)
-
-
 @dataclass
 class LoadedRun:
     """A checkpoint made ready to evaluate: its model on the device, the validation data and the lengths."""
@@ -147,10 +135,11 @@ class LoadedRun:
 
 def _prepare_run(ckpt: str | os.PathLike, lengths: Sequence[int] | str | None, default_multipliers: Sequence[int],
                  data: TokenData | None, device: str) -> LoadedRun:
-    from .model import GPT, GPTConfig
+    from .export import model_config
+    from .model import GPT
 
     path, state = load_run(ckpt)
-    gcfg = GPTConfig.from_dict(state["model_config"])
+    gcfg = model_config(state)
     lengths = parse_lengths(lengths) or [gcfg.block_size * m for m in default_multipliers]
     if data is None:
         data = load_token_data(TrainConfig.from_dict(state["train_config"]).data)

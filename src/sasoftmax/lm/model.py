@@ -25,7 +25,7 @@ from ..attention import available_backends
 from ..normalizers import Normalizer, get_normalizer, list_normalizers
 from ..positional import get_positional, list_positionals
 
-__all__ = ["GPTConfig", "GPT", "CausalSelfAttention", "MLP", "Block", "PRESETS"]
+__all__ = ["GPTConfig", "GPT", "CausalSelfAttention", "MLP", "Block", "KVCache", "PRESETS"]
 
 # name -> field overrides; everything else keeps the GPTConfig default.
 PRESETS: dict[str, dict[str, object]] = {
@@ -127,10 +127,39 @@ class GPTConfig:
         return cfg
 
 
+class KVCache:
+    """The keys and values a model has computed, per layer, for decoding one token at a time.
+
+    ``update(layer, k, v)`` appends ``k``/``v`` of shape ``(B, Hkv, T_new, D)`` (keys already rotated when the
+    positional encoding rotates) and returns the layer's keys and values so far; ``length`` is the number of cached
+    tokens (all layers hold the same). The first cached token sits at position 0."""
+
+    def __init__(self) -> None:
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        elif layer < len(self.keys):
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        else:
+            raise ValueError(f"KVCache: layer {layer} updated before layer {len(self.keys)}")
+        return self.keys[layer], self.values[layer]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention through a normalizer registry entry.
 
-    ``forward(x (B, T, C)) -> (B, T, C)``. ``attn_backend`` is read from the model's config at call time, so
+    ``forward(x (B, T, C), cache=None, offset=0, key_mask=None) -> (B, T, C)``: with a :class:`KVCache` the new
+    tokens (at positions ``offset .. offset+T-1``) attend to every cached one; ``key_mask`` ``(B, offset+T)`` bool
+    (True = a real token) hides padding keys. ``attn_backend`` is read from the model's config at call time, so
     ``model.config.attn_backend = "reference"`` switches the SA backend of every layer."""
 
     def __init__(self, config: GPTConfig, layer_idx: int = 0):
@@ -157,19 +186,23 @@ class CausalSelfAttention(nn.Module):
     def attn_backend(self) -> str:
         return self.config.attn_backend
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, offset: int = 0,
+                key_mask: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         hd = self.head_dim
         q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
-        q, k = self.pos.rotate(q, k)
+        q, k = self.pos.rotate(q, k, offset)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        nk = k.shape[2]
         kwargs = dict(
-            attn_mask=None,
+            attn_mask=None if key_mask is None else key_mask[:, None, None, :],
             is_causal=True,
             scale=self.scale,
-            bias=self.pos.bias(T, T, device=x.device),
+            bias=self.pos.bias(T, nk, device=x.device),
             alibi_slopes=self.pos.alibi_slopes(),
             dropout_p=self.dropout if self.training else 0.0,
             module=self,
@@ -205,8 +238,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, cache: KVCache | None = None, offset: int = 0,
+                key_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, offset, key_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -259,17 +293,26 @@ class GPT(nn.Module):
             raise ValueError(f"unknown `backend` {backend!r}; known: {available_backends()}")
         self.config.attn_backend = backend
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
+                key_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits ``(B, T, vocab)`` (in the compute dtype) and, with ``targets``, the mean token cross entropy in
-        float32 over targets ``!= -100`` (0 if every target is ignored)."""
+        float32 over targets ``!= -100`` (0 if every target is ignored).
+
+        ``cache``: a :class:`KVCache`; ``idx`` then continues the cached tokens (it is updated in place).
+        ``key_mask``: bool ``(B, cached + T)``, False at padding tokens, which no query attends to."""
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"`idx` must be an integer tensor of shape (B, T), got {got}")
         if idx.shape[1] == 0:
             raise ValueError("`idx` must have at least one token (T >= 1)")
+        offset = 0 if cache is None else cache.length
+        want = (idx.shape[0], offset + idx.shape[1])
+        if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != want):
+            raise ValueError(f"`key_mask` must be bool of shape (B, cached + T) = {want}, got {key_mask.dtype} "
+                             f"{tuple(key_mask.shape)}")
         x = self.drop(self.wte(idx))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cache, offset, key_mask)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import atomic_write, format_number, format_table, read_json, utc_now
+from .downstream import LM_EVAL_FILE
 from .grid import SCHEMA_VERSION, format_value
 from .metrics import read_metrics
 
@@ -64,6 +65,7 @@ class RunData:
     ppl: dict[int, float]
     metrics: list[dict[str, Any]]
     platform: str = ""
+    downstream: dict[str, Any] | None = None  # the run's lm-evaluation-harness record (``lm_eval.json``), if any
 
 
 @dataclass
@@ -96,6 +98,7 @@ def _run_from_result(res: dict[str, Any], run_dir: Path) -> RunData:
         ppl={int(r["length"]): float(r["ppl"]) for r in evaluation.get("results", [])},
         metrics=read_metrics(run_dir / "metrics.jsonl"),
         platform=str(res.get("platform", "")),
+        downstream=read_json(run_dir / LM_EVAL_FILE),
     )
 
 
@@ -545,6 +548,25 @@ def _layer_subsection(runs: Sequence[RunData], metric: str, layers: list[int], o
     return lines
 
 
+def _downstream_section(data: GridData) -> list[str]:
+    """lm-evaluation-harness results of the runs that have them (``sasoftmax lm-eval`` writes ``lm_eval.json``)."""
+    runs = [r for r in data.runs if r.downstream and r.downstream.get("results")]
+    if not runs:
+        return []
+    rows = []
+    for run in runs:
+        rec = run.downstream
+        for task, metrics in sorted(rec["results"].items()):
+            for key, value in sorted(metrics.items()):
+                if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+                    stderr = metrics.get(key.replace(",", "_stderr,", 1))
+                    rows.append([run.run_id, rec.get("step"), task, key.split(",")[0], value,
+                                 stderr if isinstance(stderr, (int, float)) else "-"])
+    return ["## Downstream tasks (lm-evaluation-harness)", "",
+            "From each run's `lm_eval.json` (`sasoftmax lm-eval`); the step is the checkpoint evaluated.", "",
+            format_table(["run", "step", "task", "metric", "value", "stderr"], rows, markdown=True), ""]
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 
 
@@ -566,6 +588,7 @@ def write_report(grid_dir: str | os.PathLike, out: str | os.PathLike | None = No
     if data.runs:
         lines += _loss_section(data, out_dir, figures)
     lines += _diag_section(data, out_dir, figures, summary)
+    lines += _downstream_section(data)
     text = "\n".join(lines).rstrip() + "\n"
     report = atomic_write(out_dir / "report.md", lambda f: f.write(text.encode()))
     return {"report": str(report), "figures": [str(p) for p in figures], "runs": len(data.runs),

@@ -319,6 +319,9 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.json").write_text(
             json.dumps({"train": self.cfg.to_dict(), "model": self.gcfg.to_dict()}, indent=1))
+        tokenizer_dir = self.out_dir / "tokenizer"  # for export and sampling, independent of the token cache
+        tokenizer_dir.mkdir(exist_ok=True)
+        self.data.tokenizer().save(tokenizer_dir)
         if self.step == 0:
             self._say(f"training {self.raw.num_parameters():,} parameters, global batch {self.sampler.global_batch} "
                       f"x {self.seq_len} tokens, {self.cfg.max_steps} steps, world size {self.dist.world_size}"
