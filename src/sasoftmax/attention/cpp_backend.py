@@ -66,7 +66,9 @@ def _cpu_flags() -> tuple[str, list[str]]:
 
 
 def _build_flags() -> list[str]:
-    return ["-O3", "-fopenmp", *_cpu_flags()[1]]
+    # -ffp-contract=off: no silent fused multiply-adds, so that equal products round equally (the plain form's
+    # backward relies on it to cancel s dP against Delta exactly, see csrc/rows.h)
+    return ["-O3", "-ffp-contract=off", "-fopenmp", *_cpu_flags()[1]]
 
 
 def _key() -> str:

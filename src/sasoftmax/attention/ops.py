@@ -156,7 +156,7 @@ def _attention_bwd(*args):
         return dq, dk, dv, (db.to(a.bias.dtype) if a.need_dbias else db)
     grads = chunked.backward_op(_inputs(a), _seed_value(a.seed), a.block_rows or None, a.grad_out, a.out, a.stats,
                                 a.idx, (a.need_dq, a.need_dk, a.need_dv, a.need_dbias))
-    return tuple(a.q.new_empty(0) if t is None else t for t in grads)
+    return tuple(a.q.new_empty(0) if t is None else t.contiguous() for t in grads)  # (the fake's layout)
 
 
 @_attention_bwd.register_fake

@@ -3,6 +3,8 @@
 // Conventions (docs/contract.md): a row holds the scores s_j = scale * q.k_j (+ ALiBi, float-mask value, bias) of
 // keys j in [0, n); a masked key (bool mask, or past the row's causal end) holds -inf. The row math leaves exact
 // zeros at masked keys, so the matrix products that follow may run over all n keys.
+// Built with -ffp-contract=off (cpp_backend.py): a product written twice must round the same way twice (the plain
+// form's backward cancels u dPk against Delta), so the compiler may not fuse a multiply and an add on its own.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -230,10 +232,11 @@ inline RowStats<T> forward_row(const Problem<T>& P, T* s, int64_t n, bool masked
 // the row's saved statistics, keep (dropout factors 0 or 1/(1-p), or null). Out: s = dL/ds (range terms included
 // unless detached), w = the weights applied to v (for dv); dp is clobbered. With u = (s - a) c (plain: a = 0, c = 1,
 // so u = s) and dPk = dp * keep:
-//   P = exp(s - m) / l,  W = u P,  Delta = sum W dPk,  ds = P ((u + c) dPk - Delta)
+//   P = exp(s - m) / l,  W = u P,  Delta = sum W dPk,  ds = P ((u dPk - Delta) + c dPk)
 // plus c (Delta - Delta0) at the arg-min key (if a < 0) and -c Delta at the arg-max key (if b > 0), with
-// Delta0 = sum P dPk. Delta is taken from the row itself (not g.o), so that in the plain form the two large terms
-// s dP and Delta carry the same rounding and cancel cleanly at large |s|.
+// Delta0 = sum P dPk. Delta is taken from the row itself (not g.o), and u dPk - Delta is formed before c dPk is
+// added: in the plain form, where u = s is large, the two large terms then carry the same rounding and cancel
+// cleanly (as in autograd through the reference), at the price of computing P twice.
 template <class T>
 inline void backward_row(const Problem<T>& P, const T* stats, const int64_t* idx, T* s, T* dp, T* w, int64_t n,
                          bool masked, const T* keep) {
@@ -249,44 +252,53 @@ inline void backward_row(const Problem<T>& P, const T* stats, const int64_t* idx
   const T c = P.normalize ? T(1) / (b - a + P.eps) : T(1);
   const V vm(m), vl(linv), va(a), vc(c), zero(T(0)), ninf(-inf);
   V vdelta(T(0)), vdelta0(T(0));
+  // pass 1: dp <- dPk, w <- W * keep; Delta, Delta0
   for (int64_t j = 0; j < n; j += W) {
     const int64_t count = std::min<int64_t>(W, n - j);
     const bool tail = count < W;
     const V x = tail ? load_tail<T>(s + j, count, -inf) : V::loadu(s + j);
     V p = (x - vm).exp_u20() * vl;
-    const V u = (x - va) * vc;
+    V wv = ((x - va) * vc) * p;
     V g = tail ? load_tail<T>(dp + j, count, T(0)) : V::loadu(dp + j);
     V kv(T(1));
     if (keep != nullptr) {
       kv = tail ? load_tail<T>(keep + j, count, T(0)) : V::loadu(keep + j);
       g = g * kv;
     }
-    V wv = u * p;
-    V fd = at::vec::fmadd(u, g, vc * g);
     if (masked || tail) {
       const V vis = x != ninf;
       p = V::blendv(zero, p, vis);
       wv = V::blendv(zero, wv, vis);
-      fd = V::blendv(zero, fd, vis);
     }
-    vdelta = at::vec::fmadd(wv, g, vdelta);
-    vdelta0 = at::vec::fmadd(p, g, vdelta0);
+    vdelta = vdelta + wv * g;
+    vdelta0 = vdelta0 + p * g;
     if (keep != nullptr) wv = wv * kv;
     if (tail) {
       wv.store(w + j, count);
-      p.store(s + j, count);
-      fd.store(dp + j, count);
+      g.store(dp + j, count);
     } else {
       wv.store(w + j);
-      p.store(s + j);
-      fd.store(dp + j);
+      g.store(dp + j);
     }
   }
   const T delta = hsum<T>(vdelta), delta0 = hsum<T>(vdelta0);
   const V vd(delta);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) (V::loadu(s + j) * (V::loadu(dp + j) - vd)).store(s + j);
-  for (; j < n; ++j) s[j] = s[j] * (dp[j] - delta);
+  // pass 2: s <- ds
+  for (int64_t j = 0; j < n; j += W) {
+    const int64_t count = std::min<int64_t>(W, n - j);
+    const bool tail = count < W;
+    const V x = tail ? load_tail<T>(s + j, count, -inf) : V::loadu(s + j);
+    const V g = tail ? load_tail<T>(dp + j, count, T(0)) : V::loadu(dp + j);
+    const V p = (x - vm).exp_u20() * vl;
+    const V u = (x - va) * vc;
+    V ds = p * ((u * g - vd) + vc * g);
+    if (masked || tail) ds = V::blendv(zero, ds, x != ninf);
+    if (tail) {
+      ds.store(s + j, count);
+    } else {
+      ds.store(s + j);
+    }
+  }
   if (P.range_grad) {
     if (a < T(0)) s[idx[0]] += c * (delta - delta0);
     if (b > T(0)) s[idx[1]] -= c * delta;
