@@ -23,9 +23,8 @@ from sasoftmax import sa_attention
 from sasoftmax.attention import api, cpp_backend, prepare
 from sasoftmax.attention.cpp_backend import cpp_attention
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("SASOFTMAX_CPP", "").strip() in ("0", "false", "no", "off"), reason="kernel disabled (SASOFTMAX_CPP=0)"
-)
+_DISABLED = os.environ.get("SASOFTMAX_CPP", "").strip() in ("0", "false", "no", "off")
+pytestmark = pytest.mark.skipif(_DISABLED, reason="kernel disabled (SASOFTMAX_CPP=0)")
 
 
 def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64, grad: bool = False) -> torch.Tensor:
