@@ -1,11 +1,15 @@
 """CPU benchmark: SA attention (auto backend) vs softmax SDPA vs a naive eager SA implementation.
 
-Times forward+backward and measures the peak memory of each, side by side in one run, and prints the ratios.
-Each (implementation, N) runs in a fresh subprocess so that its peak resident memory can be read from the OS
-(``ru_maxrss`` minus the resident size after the inputs exist).
+Time: every implementation runs in this one process, alternately (SA, SA plain, SDPA, eager, SA, SA plain, ...),
+forward+backward and forward alone (no grad), ``--reps`` rounds after a warm-up; medians are reported with the
+ratios to SDPA. Memory: each (implementation, N) runs one forward+backward in a fresh subprocess whose peak resident
+memory is read from the OS (``ru_maxrss`` minus the resident size once the inputs exist).
 
-    python benchmarks/bench_cpu_attention.py                    # the issue's table (B=2, H=8, D=64, fp32)
-    python benchmarks/bench_cpu_attention.py --lengths 512,1024 --out results.md
+    python benchmarks/bench_cpu_attention.py                              # B=2, H=8, D=64, fp32, not causal
+    python benchmarks/bench_cpu_attention.py --causal --dtype bfloat16 --out results.md
+
+SA = ``sa_attention(backend="auto")`` (on the CPU: the fused C++ kernel when it is available, else the chunked
+path; the header says which), normalized form unless marked "plain".
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import time
 
 from _machine import cpu_name
 
-IMPLS = ("sa_auto", "sdpa_softmax", "naive_eager_sa")
+IMPLS = ("sa", "sa_plain", "sdpa", "eager")
+LABELS = {"sa": "SA", "sa_plain": "SA plain", "sdpa": "SDPA", "eager": "naive eager SA"}
 
 
 def naive_eager_sa(q, k, v, causal: bool):
@@ -33,10 +38,10 @@ def naive_eager_sa(q, k, v, causal: bool):
     if causal:
         keep = torch.ones(n, n, dtype=torch.bool).tril()
         masked = scores.masked_fill(~keep, float("-inf"))
-        probs = torch.softmax(masked, dim=-1)
+        probs = torch.softmax(masked.float(), dim=-1).to(q.dtype)
         tril_scores = scores * keep
     else:
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         tril_scores = scores
     mn = torch.clamp(tril_scores.min(dim=-1, keepdim=True).values, max=0)
     mx = torch.clamp(tril_scores.max(dim=-1, keepdim=True).values, min=0)
@@ -46,105 +51,170 @@ def naive_eager_sa(q, k, v, causal: bool):
     return torch.matmul(weights, v)
 
 
+def _attend(impl: str, q, k, v, causal: bool):
+    import torch.nn.functional as F
+
+    from sasoftmax import sa_attention
+
+    if impl == "sa":
+        return sa_attention(q, k, v, is_causal=causal)
+    if impl == "sa_plain":
+        return sa_attention(q, k, v, is_causal=causal, normalize=False)
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return naive_eager_sa(q, k, v, causal)
+
+
+def _inputs(n: int, args, grad: bool):
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(args.batch, args.heads, n, args.head_dim).to(dtype).requires_grad_(grad) for _ in range(3))
+    return q, k, v, torch.randn(args.batch, args.heads, n, args.head_dim).to(dtype)
+
+
+def _fwd_bwd(impl: str, q, k, v, g, causal: bool) -> None:
+    out = _attend(impl, q, k, v, causal)
+    out.backward(g)
+    q.grad = k.grad = v.grad = None
+
+
+def _fwd(impl: str, q, k, v, causal: bool) -> None:
+    import torch
+
+    with torch.no_grad():
+        _attend(impl, q, k, v, causal)
+
+
+def time_alternating(n: int, impls: list[str], args) -> dict[str, dict[str, float]]:
+    """Median seconds of forward+backward ("fb") and forward alone ("fwd") per implementation, all in turn."""
+    q, k, v, g = _inputs(n, args, grad=True)
+    steps = {("fb", i): (lambda i=i: _fwd_bwd(i, q, k, v, g, args.causal)) for i in impls}
+    steps.update({("fwd", i): (lambda i=i: _fwd(i, q, k, v, args.causal)) for i in impls})
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for _ in range(args.reps):
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - t0)
+    out: dict[str, dict[str, float]] = {i: {} for i in impls}
+    for (mode, impl), ts in times.items():
+        out[impl][mode] = statistics.median(ts)
+    return out
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _worker(impl: str, n: int, b: int, h: int, d: int, causal: bool, reps: int) -> dict:
+def _memory_worker(impl: str, n: int, args) -> dict:
     import resource
 
-    import torch
-    import torch.nn.functional as F
-
-    from sasoftmax import sa_attention
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
-    g = torch.randn(b, h, n, d)
-
-    def step():
-        if impl == "sa_auto":
-            o = sa_attention(q, k, v, is_causal=causal)
-        elif impl == "sdpa_softmax":
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        else:
-            o = naive_eager_sa(q, k, v, causal)
-        o.backward(g)
-        q.grad = k.grad = v.grad = None
-
+    q, k, v, g = _inputs(n, args, grad=True)
     base = _rss_bytes()
-    step()  # warm-up (also the memory high-water mark)
+    _fwd_bwd(impl, q, k, v, g, args.causal)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"impl": impl, "n": n, "seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+    return {"impl": impl, "n": n, "peak_bytes": max(peak, 0)}
 
 
-def _run_one(impl: str, n: int, args) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", impl, "--lengths", str(n), "--batch", str(args.batch),
-           "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--reps", str(args.reps)]
+def peak_memory(impl: str, n: int, args) -> float | None:
+    """Peak resident memory (bytes) of one forward+backward in a fresh process, None if it failed."""
+    cmd = [sys.executable, __file__, "--memory-worker", impl, "--lengths", str(n), "--batch", str(args.batch),
+           "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--dtype", args.dtype]
     if args.causal:
         cmd.append("--causal")
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        print(f"  {impl} N={n} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        print(f"  memory {impl} N={n} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def main() -> None:
+def _header(args) -> str:
+    import torch
+
+    from sasoftmax.attention import cpp_backend
+
+    err = cpp_backend.load_error()
+    backend = "cpp (fused kernel, gemm: %s)" % cpp_backend.gemm_in_use() if err is None else f"chunked ({err})"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"CPU attention, {args.dtype}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
+            f"{'causal' if args.causal else 'not causal'} — {when}, {cpu_name()}, {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; SA = sa_attention(backend='auto') -> "
+            f"{backend}; medians of {args.reps} alternating rounds")
+
+
+TIME_COLUMNS = ["N", "SA fwd+bwd (s)", "SA plain fwd+bwd (s)", "SDPA fwd+bwd (s)", "naive eager SA fwd+bwd (s)",
+                "SA/SDPA fwd+bwd", "SA plain/SDPA fwd+bwd", "SA fwd (s)", "SA plain fwd (s)", "SDPA fwd (s)",
+                "SA/SDPA fwd", "SA plain/SDPA fwd"]
+MEMORY_COLUMNS = ["N", "SA peak MiB", "SDPA peak MiB", "naive eager SA peak MiB", "SA/eager memory"]
+
+
+def _cells(n: int, t: dict, mem: dict) -> tuple[list[str], list[str]]:
+    def sec(impl, mode):
+        return f"{t[impl][mode]:.3f}" if impl in t else "skipped"
+
+    def ratio(impl, mode):
+        return f"{t[impl][mode] / t['sdpa'][mode]:.2f}x" if impl in t else "n/a"
+
+    def mib(impl):
+        return f"{mem[impl] / 2**20:.0f}" if mem.get(impl) is not None else "failed"
+
+    time_row = [str(n), sec("sa", "fb"), sec("sa_plain", "fb"), sec("sdpa", "fb"), sec("eager", "fb"),
+                ratio("sa", "fb"), ratio("sa_plain", "fb"), sec("sa", "fwd"), sec("sa_plain", "fwd"),
+                sec("sdpa", "fwd"), ratio("sa", "fwd"), ratio("sa_plain", "fwd")]
+    m_ratio = (f"{mem['sa'] / max(mem['eager'], 1):.3f}" if mem.get("sa") is not None and mem.get("eager")
+               else "n/a")
+    return time_row, [str(n), mib("sa"), mib("sdpa"), mib("eager"), m_ratio]
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--reps", type=int, default=5, help="alternating timing rounds (median reported)")
     ap.add_argument("--causal", action="store_true", help="causal attention (default: not causal)")
-    ap.add_argument("--out", help="also write the table as markdown to this file")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--eager-max", type=int, default=4096, help="time the naive eager SA only up to this N")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--out", help="also write the tables as markdown to this file")
+    ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
-
-    if args.worker:
-        print(json.dumps(_worker(args.worker, lengths[0], args.batch, args.heads, args.head_dim, args.causal,
-                                 args.reps)))
+    if args.memory_worker:
+        print(json.dumps(_memory_worker(args.memory_worker, lengths[0], args)))
         return
-
-    import torch
-
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, " \
-              f"{torch.get_num_threads()} threads"
-    header = (f"CPU attention forward+backward, fp32, B={args.batch}, H={args.heads}, D={args.head_dim}, "
-              f"{'causal' if args.causal else 'not causal'} — {when}, {machine}")
-    rows = ["| N | SA auto (s) | SDPA softmax (s) | naive eager SA (s) | SA/SDPA time | SA peak MiB | "
-            "SDPA peak MiB | eager peak MiB | SA/eager memory |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    print(header)
+    header = _header(args)
+    print(header, flush=True)
+    time_rows, mem_rows = [], []
     for n in lengths:
-        r = {impl: _run_one(impl, n, args) for impl in IMPLS}
-
-        def sec(name, r=r):
-            return f"{r[name]['seconds']:.3f}" if r[name] else "failed"
-
-        def mib(name, r=r):
-            return f"{r[name]['peak_bytes'] / 2**20:.0f}" if r[name] else "failed"
-
-        t_ratio = (f"{r['sa_auto']['seconds'] / r['sdpa_softmax']['seconds']:.2f}x"
-                   if r["sa_auto"] and r["sdpa_softmax"] else "n/a")
-        m_ratio = (f"{r['sa_auto']['peak_bytes'] / max(r['naive_eager_sa']['peak_bytes'], 1):.3f}"
-                   if r["sa_auto"] and r["naive_eager_sa"] else "n/a")
-        row = (f"| {n} | {sec('sa_auto')} | {sec('sdpa_softmax')} | {sec('naive_eager_sa')} | {t_ratio} | "
-               f"{mib('sa_auto')} | {mib('sdpa_softmax')} | {mib('naive_eager_sa')} | {m_ratio} |")
-        rows.append(row)
-        print(row, flush=True)
+        impls = [i for i in IMPLS if i != "eager" or n <= args.eager_max]
+        t = time_alternating(n, impls, args)
+        mem = {} if args.no_memory else {i: peak_memory(i, n, args) for i in ("sa", "sdpa", "eager")}
+        tr, mr = _cells(n, t, mem)
+        time_rows.append(tr)
+        mem_rows.append(mr)
+        print(" | ".join(f"{c}={x}" for c, x in zip(TIME_COLUMNS, tr, strict=True)), flush=True)
+        if not args.no_memory:
+            print(" | ".join(f"{c}={x}" for c, x in zip(MEMORY_COLUMNS, mr, strict=True)), flush=True)
+    text = header + "\n\n" + "\n".join(_table(TIME_COLUMNS, time_rows)) + "\n"
+    if not args.no_memory:
+        text += "\nPeak resident memory of one forward+backward (fresh process each):\n\n"
+        text += "\n".join(_table(MEMORY_COLUMNS, mem_rows)) + "\n"
+    print("\n" + text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(header + "\n\n" + "\n".join(rows) + "\n")
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -50,9 +50,14 @@ def test_cpu_attention_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "cpu.md"
     res = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_cpu_attention.py"), "--lengths", "64", "--batch", "1",
-         "--heads", "2", "--head-dim", "16", "--reps", "1", "--causal", "--out", str(out)],
+         "--heads", "2", "--head-dim", "16", "--reps", "1", "--causal", "--dtype", "bfloat16", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| 64 ")]
-    assert len(rows) == 1
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 64 ")]
+    assert len(rows) == 2  # the time table and the memory table
+    assert "bfloat16" in text and "SA = sa_attention(backend='auto') -> cpp" in text
+    assert "failed" not in rows[1] and rows[0].count("x |") == 4  # every ratio was computed
+    mod = _load("readme_tables")
+    assert mod._cell(text, 64, mod.TIME_RATIO).endswith("x") and mod._cell(text, 64, mod.MEMORY_RATIO) != "n/a"
