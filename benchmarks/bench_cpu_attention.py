@@ -140,7 +140,7 @@ def _header(args) -> str:
     from sasoftmax.attention import cpp_backend
 
     err = cpp_backend.load_error()
-    backend = "cpp (fused kernel, gemm: %s)" % cpp_backend.gemm_in_use() if err is None else f"chunked ({err})"
+    backend = f"cpp (fused kernel, gemm: {cpp_backend.gemm_in_use()})" if err is None else f"chunked ({err})"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"CPU attention, {args.dtype}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
             f"{'causal' if args.causal else 'not causal'} — {when}, {cpu_name()}, {os.cpu_count()} CPUs, "
@@ -173,7 +173,8 @@ def _cells(n: int, t: dict, mem: dict) -> tuple[list[str], list[str]]:
 
 
 def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + ["| " + " | ".join(r) + " |" for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def main(argv: list[str] | None = None) -> None:
