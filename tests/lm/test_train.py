@@ -281,6 +281,114 @@ def test_torchrun_fsdp2_constructs_and_trains_on_cpu(corpus, tmp_path):
     assert state["model"]["wte.weight"].shape == (256, 32), "checkpoints hold full (unsharded) tensors"
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (read from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    order, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        order.append(p)
+        todo += children.get(p, [])
+    for p in reversed(order):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_fsdp_available() is not None, reason=str(_fsdp_available()))
+def test_fsdp2_sharded_checkpoint_sigkill_resumes_on_one_process(corpus, tmp_path):
+    """FSDP2 on 2 processes with sharded checkpoints, killed after step 8's checkpoint; step 8's checkpoint then
+    loses half of a shard, so resuming on ONE process must detect it, fall back to step 4, reshard, keep the global
+    batch, and continue like the uninterrupted 2-process run."""
+    cache = tmp_path / "cache"
+    extra = {"max_steps": 12, "ckpt_interval": 4, "eval_interval": 4, "model.n_layer": 2, "batch_size": 2,
+             "fsdp": "true", "ckpt_format": "sharded"}
+    ref = tmp_path / "ref"
+    res = _torchrun(2, _sets(_overrides(corpus, ref, cache, **extra)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*_torchrun_cmd(2), *_sets(_overrides(corpus, run, cache, **extra))], env=_torchrun_env())
+    deadline = time.time() + 240
+    while not (run / "ckpt_000008" / "manifest.json").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    _kill_tree(proc.pid)  # torchrun starts each worker in a session of its own
+    proc.wait()
+    assert not (run / "final.json").exists(), "the run finished before the kill; the test proves nothing"
+    shard = run / "ckpt_000008" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    got = train(load_config(None, _overrides(corpus, run, cache, **extra)), resume=True, quiet=True)
+    assert got["steps"] == 12 and got["world_size"] == 1
+    a, b = _losses(ref), _losses(run)
+    assert len(a) == len(b) == 12
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
+    assert (run / "ckpt_000008.bad").is_dir(), "the damaged checkpoint is set aside"
+    assert json.loads((run / "ckpt_000012" / "manifest.json").read_text())["format"] == "sharded"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_fsdp_available() is not None, reason=str(_fsdp_available()))
+def test_one_process_sharded_checkpoint_resumes_on_two(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    extra = {"max_steps": 12, "ckpt_interval": 6, "eval_interval": 6, "model.n_layer": 2, "ckpt_format": "sharded"}
+    ref = tmp_path / "ref"
+    res = _torchrun(2, _sets(_overrides(corpus, ref, cache, batch_size=2, fsdp="true", **extra)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    train(load_config(None, _overrides(corpus, run, cache, batch_size=2, grad_accum=2, stop_at=6, **extra)),
+          quiet=True)
+    res = subprocess.run([*_torchrun_cmd(2), "--resume", *_sets(_overrides(corpus, run, cache, batch_size=2,
+                                                                           fsdp="true", **extra))],
+                         env=_torchrun_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _losses(ref), _losses(run)
+    assert len(a) == len(b) == 12
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
+    assert json.loads((run / "final.json").read_text())["world_size"] == 2
+
+
+def test_sharded_checkpoints_resume_exactly_and_evaluate(corpus, tmp_path):
+    """Single process: a sharded run stopped and resumed equals an uninterrupted one bit for bit; evaluation and
+    the old single-file checkpoints of the same directory still load."""
+    from sasoftmax.lm.checkpoint import list_checkpoints, load_run
+    from sasoftmax.lm.evaluate import evaluate_checkpoint
+
+    cache = tmp_path / "cache"
+    ref = train(load_config(None, _overrides(corpus, tmp_path / "ref", cache, max_steps=20)), quiet=True)
+    run = tmp_path / "run"
+    train(load_config(None, _overrides(corpus, run, cache, max_steps=20, stop_at=10)), quiet=True)  # single file
+    got = train(load_config(None, _overrides(corpus, run, cache, max_steps=20, ckpt_format="sharded")), resume=True,
+                quiet=True)
+    assert got["final_loss"] == ref["final_loss"] and _losses(run) == _losses(tmp_path / "ref")
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt_000020", "ckpt_000010.pt"]
+    path, state = load_run(run)
+    assert path.name == "ckpt_000020" and state["format"] == "sharded" and "optimizer" not in state
+    single = torch.load(tmp_path / "ref" / "ckpt_000020.pt", weights_only=True)
+    assert all(torch.equal(state["model"][k], single["model"][k]) for k in single["model"])
+    res = evaluate_checkpoint(run, [32], tokens_per_length=64)
+    assert res["step"] == 20 and res["results"][0]["ppl"] > 1
+
+
+def _torchrun_cmd(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", "-m",
+            "sasoftmax", "train", "--quiet"]
+
+
+def _torchrun_env() -> dict[str, str]:
+    env = _env()
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
 def test_stop_at_and_time_limit_keep_the_schedule(corpus, tmp_path):
     cache = tmp_path / "cache"
     full = tmp_path / "full"
@@ -314,3 +422,21 @@ def test_compile_option_trains_like_eager(corpus, tmp_path):
     assert abs(compiled["final_loss"] - eager["final_loss"]) < 1e-3
     state = torch.load(compiled["checkpoint"], weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in state["model"]), "checkpoints hold the uncompiled names"
+
+
+def test_tensorboard_logging_writes_the_metrics(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb_run"
+    train(load_config(None, _overrides(corpus, run, tmp_path / "cache", max_steps=10, tensorboard="true")),
+          quiet=True)
+    events = list((run / "tb").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "val_loss", "val_ppl"} <= tags
+    losses = [e.value for e in acc.Scalars("loss")]
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 11))
+    assert losses == pytest.approx(_losses(run), rel=1e-6)

@@ -1,11 +1,21 @@
-"""Atomic, verified training checkpoints.
+"""Atomic, verified training checkpoints, in one file or sharded.
 
-Layout inside a run directory::
+Layout inside a run directory, single-file format (``ckpt_format = "single"``, the default)::
 
     ckpt_000200.pt        torch.save of the state dict (model, optimizer, scheduler, step, RNG states, configs)
     ckpt_000200.pt.json   manifest: {"step", "size", "sha256"} written *after* the data file is durable
 
-Both files are written to a temporary file in the same directory, flushed, fsync'ed and moved into place with
+sharded format (``ckpt_format = "sharded"``: ``torch.distributed.checkpoint``, each rank writes its own shards of the
+model and optimizer, so nothing is gathered on one rank; it loads on any number of processes, resharding)::
+
+    ckpt_000200/          .metadata, __<rank>_0.distcp ...: the model and optimizer state (DCP)
+                          extra.pt: scheduler, scaler, step, RNG states of every rank, configs (rank 0)
+                          manifest.json: {"step", "format", "files": {name: {"size", "sha256"}}}, written last
+
+A sharded checkpoint is written into ``.ckpt_000200.partial/`` and renamed into place by rank 0 once every rank's
+shards and the manifest are durable: a step's checkpoint is complete or absent.
+
+Single files are written to a temporary file in the same directory, flushed, fsync'ed and moved into place with
 ``os.replace``, then the directory is fsync'ed. A checkpoint counts only when its manifest exists and the data file
 matches the manifest's size and SHA-256, so a write cut short (process killed, disk full) or a file damaged later is
 detected with a clear :class:`CheckpointError` instead of an obscure unpickling failure. ``keep`` most recent good
@@ -17,12 +27,15 @@ States are loaded with ``torch.load(weights_only=True)``: they hold only tensors
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
 import re
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +52,10 @@ __all__ = [
     "list_checkpoints",
     "load_latest",
     "load_run",
+    "save_sharded",
+    "load_sharded_into",
+    "is_sharded",
+    "step_of",
     "prune",
     "set_aside_newer",
     "atomic_write",
@@ -50,7 +67,9 @@ __all__ = [
 
 log = logging.getLogger("sasoftmax.lm.checkpoint")
 
-_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+_NAME = re.compile(r"^ckpt_(\d+)(\.pt)?$")
+MANIFEST = "manifest.json"
+EXTRA = "extra.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -88,31 +107,59 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
     return path
 
 
+def is_sharded(path: Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint directory (``ckpt_<step>/``)."""
+    return path.is_dir() and bool(_NAME.match(path.name)) and not path.name.endswith(".pt")
+
+
+def step_of(path: Path) -> int:
+    """The step in a checkpoint's name."""
+    m = _NAME.match(path.name)
+    if not m:
+        raise ValueError(f"{path.name} is not a checkpoint name (ckpt_<step>.pt or ckpt_<step>/)")
+    return int(m.group(1))
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Checkpoint data files in ``directory``, newest step first (complete or not)."""
+    """Checkpoints in ``directory`` (files ``ckpt_<step>.pt`` and sharded directories ``ckpt_<step>/``), newest step
+    first (complete or not)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+    found = [(int(m.group(1)), p.is_dir(), p) for p in directory.iterdir() if (m := _NAME.match(p.name))
+             and (p.is_dir() != p.name.endswith(".pt"))]
+    return [p for _, _, p in sorted(found, reverse=True)]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for p in (path, path.with_name(path.name + ".json")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def prune(directory: str | os.PathLike, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints (and their manifests)."""
     for path in list_checkpoints(directory)[keep:]:
-        for p in (path, path.with_name(path.name + ".json")):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        _remove(path)
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", verify: bool = True) -> dict:
-    """Load one checkpoint file, checking it against its manifest first.
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", verify: bool = True,
+                    weights: bool = True) -> dict:
+    """Load one checkpoint (file or sharded directory), checking it against its manifest first.
 
-    Raises :class:`CheckpointError` naming the file when it is missing, has no manifest (an interrupted write),
-    is truncated, does not match its checksum, or cannot be unpickled."""
+    A sharded checkpoint's state holds what its ``extra.pt`` holds, ``"format": "sharded"``, and with ``weights``
+    the model's full state dict under ``"model"`` (read on this process alone, for evaluation and export; training
+    restores model and optimizer with :func:`load_sharded_into`). Raises :class:`CheckpointError` naming the file
+    when it is missing, has no manifest (an interrupted write), is truncated, does not match its checksum, or cannot
+    be unpickled."""
     path = Path(path)
+    if is_sharded(path):
+        return _load_sharded(path, map_location, verify, weights)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if verify:
@@ -139,12 +186,15 @@ def load_run(ckpt: str | os.PathLike, step: int | None = None) -> tuple[Path, di
     """``(path, state)`` of a checkpoint file, or of a run directory's checkpoint of ``step`` (default: the newest
     loadable one); :class:`CheckpointError` when there is none."""
     path = Path(ckpt)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         if step is not None:
-            return checkpoint_path(path, step), load_checkpoint(checkpoint_path(path, step))
+            found = [p for p in list_checkpoints(path) if step_of(p) == step]
+            if not found:
+                raise CheckpointError(f"--step {step}: {path} holds no checkpoint of that step")
+            return found[0], load_checkpoint(found[0])
         found = load_latest(path)
         if found is None:
-            raise CheckpointError(f"--ckpt {path}: the directory holds no checkpoint (ckpt_*.pt)")
+            raise CheckpointError(f"--ckpt {path}: the directory holds no checkpoint (ckpt_*.pt or ckpt_*/)")
         return found
     if step is not None:
         raise ValueError(f"--step {step} needs a run directory, got the checkpoint file {path}")
@@ -152,7 +202,7 @@ def load_run(ckpt: str | os.PathLike, step: int | None = None) -> tuple[Path, di
 
 
 def load_latest(
-    directory: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+    directory: str | os.PathLike, *, map_location: str | torch.device = "cpu", weights: bool = True
 ) -> tuple[Path, dict] | None:
     """The newest checkpoint in ``directory`` that loads, falling back past bad ones (each logged as a warning).
 
@@ -164,7 +214,7 @@ def load_latest(
     errors = []
     for i, path in enumerate(paths):
         try:
-            state = load_checkpoint(path, map_location=map_location)
+            state = load_checkpoint(path, map_location=map_location, weights=weights)
         except CheckpointError as err:
             errors.append(str(err))
             nxt = paths[i + 1].name if i + 1 < len(paths) else None
@@ -175,19 +225,151 @@ def load_latest(
 
 
 def set_aside_newer(directory: str | os.PathLike, step: int) -> list[Path]:
-    """Rename checkpoints newer than ``step`` (the bad ones a resume skipped) to ``*.pt.bad`` so that they neither
+    """Rename checkpoints newer than ``step`` (the bad ones a resume skipped) to ``*.bad`` so that they neither
     shadow the checkpoints written next nor get pruned in their place. Returns the new names."""
     moved = []
     for path in list_checkpoints(directory):
-        if int(_NAME.match(path.name).group(1)) <= step:
+        if step_of(path) <= step:
             continue
         for p in (path, path.with_name(path.name + ".json")):
             if p.exists():
                 target = p.with_name(p.name + ".bad")
+                if target.is_dir():
+                    shutil.rmtree(target)
                 os.replace(p, target)
                 moved.append(target)
         log.warning("set aside unusable checkpoint %s", path.name)
     return moved
+
+
+# ------------------------------------------------------------------------------------------------ sharded
+
+
+def _manifest(files_dir: Path, step: int) -> dict[str, Any]:
+    files = {}
+    for f in sorted(p for p in files_dir.iterdir() if p.is_file() and p.name != MANIFEST):
+        digest, size = _sha256(f)
+        files[f.name] = {"size": size, "sha256": digest}
+    return {"step": step, "format": "sharded", "files": files}
+
+
+def _verify_sharded(path: Path) -> None:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: its write did not finish")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint manifest {manifest_path} is unreadable: {err}") from err
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: shard {name} is missing")
+        digest, size = _sha256(f)
+        if size != want["size"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is truncated or resized ({size} bytes, expected "
+                                  f"{want['size']})")
+        if digest != want["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (SHA-256 mismatch with the manifest)")
+
+
+def _load_sharded(path: Path, map_location: str | torch.device, verify: bool, weights: bool) -> dict:
+    if verify:
+        _verify_sharded(path)
+    try:
+        state = torch.load(path / EXTRA, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: {EXTRA} cannot be loaded: {type(err).__name__}: {err}") from err
+    state["format"] = "sharded"
+    if weights:
+        from .model import GPT, GPTConfig
+
+        model = GPT(GPTConfig.from_dict(state["model_config"]))
+        state["model"] = _dcp_load_model(path, model)
+    return state
+
+
+def _dcp_load_model(path: Path, model: nn.Module) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    sd = model.state_dict()
+    try:
+        with _single_process_quiet():
+            dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: the model shards cannot be read: {type(err).__name__}: {err}") \
+            from err
+    return sd
+
+
+def save_sharded(directory: str | os.PathLike, step: int, model: nn.Module, opt: torch.optim.Optimizer,
+                 extra: dict[str, Any], dist: Any, *, keep: int = 2) -> Path:
+    """Write a sharded checkpoint (every rank calls it; ``dist`` is the run's
+    :class:`sasoftmax.lm.distributed.Dist`): the model and optimizer state with ``torch.distributed.checkpoint``,
+    ``extra`` (rank 0's: scheduler, step, RNG states, ...) beside them, the manifest last, then the rename into
+    ``ckpt_<step>/``. Returns that path."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    directory = Path(directory)
+    final = directory / f"ckpt_{step:06d}"
+    tmp = directory / f".ckpt_{step:06d}.partial"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, opt_sd = get_state_dict(model, opt)
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=str(tmp), no_dist=not dist.enabled)
+    dist.barrier()  # every rank's shards are written
+    if dist.main:
+        atomic_write(tmp / EXTRA, lambda f: torch.save(extra, f))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        manifest = json.dumps(_manifest(tmp, step)).encode()
+        atomic_write(tmp / MANIFEST, lambda f: f.write(manifest))
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+        _fsync_parent(final)
+        prune(directory, keep)
+    dist.barrier()
+    return final
+
+
+def load_sharded_into(path: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer, distributed: bool) -> None:
+    """Load a sharded checkpoint's model and optimizer state into ``model`` / ``opt`` (any number of processes,
+    sharded with FSDP2 or not: ``torch.distributed.checkpoint`` reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, opt_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": opt_sd}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not distributed)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """Without a process group DCP warns on every call that it assumes a single process; that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _fsync_parent(path: Path) -> None:
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ training state

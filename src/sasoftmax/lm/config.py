@@ -206,7 +206,8 @@ class TrainConfig:
         seconds (0 = no limit); the summary then says ``stopped_early``. Neither changes what a step computes.
         diag_interval: gradient diagnostics (:mod:`sasoftmax.lm.diagnostics`) on a fixed validation batch at step 1
         and every N steps (0 = off), written to ``metrics.jsonl`` as ``diag/...`` keys; they change nothing in
-        training. diag_batch_size: sequences in that batch.
+        training. diag_batch_size: sequences in that batch. ckpt_format: ``single`` (one file, gathered on rank 0)
+        or ``sharded`` (``torch.distributed.checkpoint``: every rank writes its shards; resumes on any world size).
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny", "block_size": 128},
@@ -238,6 +239,7 @@ class TrainConfig:
     time_limit_s: float = 0.0
     diag_interval: int = 0
     diag_batch_size: int = 8
+    ckpt_format: str = "single"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serializable dict (the form stored in checkpoints, ``config.json`` and results)."""
@@ -266,6 +268,8 @@ class TrainConfig:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.ckpt_format not in ("single", "sharded"):
+            raise ConfigError(f"ckpt_format must be 'single' or 'sharded', got {self.ckpt_format!r}")
         if not isinstance(self.model.get("preset", "tiny"), str):
             raise ConfigError(f"model.preset must be a string, got {self.model.get('preset')!r}")
         try:

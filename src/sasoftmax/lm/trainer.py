@@ -36,12 +36,13 @@ import torch
 from torch import nn
 
 from .checkpoint import (
-    CheckpointError,
     full_state,
     load_full_state,
     load_latest,
+    load_sharded_into,
     rng_state,
     save_checkpoint,
+    save_sharded,
     set_aside_newer,
     set_rng_state,
 )
@@ -130,6 +131,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: TokenData, dist: Dist, device: torch.device, *, quiet: bool = False):
         cfg.validate()
+        cfg = TrainConfig.from_dict(cfg.to_dict())  # a copy: resuming on another world size may adjust grad_accum
         self.cfg, self.data, self.dist, self.device, self.quiet = cfg, data, dist, device, quiet
         self.dtype = DTYPES[cfg.dtype]
         if self.dtype == torch.float16 and device.type != "cuda":
@@ -137,8 +139,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.gcfg = build_model_config(cfg.model, data.vocab_size)
         self.seq_len = self.gcfg.block_size
-        self.sampler = BatchSampler(data.train, self.seq_len, cfg.batch_size, seed=cfg.seed,
-                                    grad_accum=cfg.grad_accum, world_size=dist.world_size, rank=dist.rank)
+        self.sampler = self._sampler()
         if len(data.val) < self.seq_len + 1:
             raise ConfigError(f"model.block_size={self.seq_len} exceeds the validation split ({len(data.val)} tokens)")
         torch.manual_seed(cfg.seed)  # identical init on every rank
@@ -159,12 +160,18 @@ class Trainer:
         self.checkpoint: Path | None = None
         self.resumed = False
 
+    def _sampler(self) -> BatchSampler:
+        cfg, d = self.cfg, self.dist
+        return BatchSampler(self.data.train, self.seq_len, cfg.batch_size, seed=cfg.seed, grad_accum=cfg.grad_accum,
+                            world_size=d.world_size, rank=d.rank)
+
     # ------------------------------------------------------------------ state
 
     def restore(self) -> Path | None:
         """Continue from the newest loadable checkpoint in ``out_dir`` (falling back past corrupt ones, which are set
-        aside); returns its path, or None (and a message) when there is none."""
-        found = load_latest(self.out_dir, map_location="cpu")
+        aside); returns its path, or None (and a message) when there is none. A checkpoint written by another number
+        of processes resumes with the same global batch (``grad_accum`` adjusted) and so the same data order."""
+        found = load_latest(self.out_dir, map_location="cpu", weights=False)
         if found is None:
             self._say(f"resume: no checkpoint in {self.out_dir}; starting from step 0")
             return None
@@ -173,15 +180,14 @@ class Trainer:
         if state["model_config"] != want:
             diff = sorted(k for k in want if state["model_config"].get(k) != want[k])
             raise ConfigError(f"resume: checkpoint {path.name} has a different model config (fields: {diff})")
-        load_full_state(self.raw, self.opt, state, self.fsdp)
+        if state.get("format") == "sharded":
+            load_sharded_into(path, self.raw, self.opt, self.dist.enabled)
+        else:
+            load_full_state(self.raw, self.opt, state, self.fsdp)
         self.sched.load_state_dict(state["scheduler"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        rngs = state["rng"]
-        if len(rngs) != self.dist.world_size:
-            raise CheckpointError(f"checkpoint {path.name} was written by {len(rngs)} rank(s), now "
-                                  f"{self.dist.world_size}")
-        set_rng_state(rngs[self.dist.rank])
+        self._resume_processes(path, state)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.last_loss, self.val_loss = state.get("last_loss", float("nan")), state.get("val_loss")
         self.checkpoint, self.resumed = path, True
@@ -191,20 +197,48 @@ class Trainer:
         self._say(f"resumed from {path} at step {self.step}")
         return path
 
+    def _resume_processes(self, path: Path, state: dict[str, Any]) -> None:
+        """RNG states per rank; with another world size, the saved global batch through ``grad_accum``."""
+        d, cfg = self.dist, self.cfg
+        rngs = state["rng"]
+        if d.rank < len(rngs):
+            set_rng_state(rngs[d.rank])
+        if len(rngs) == d.world_size:
+            return
+        saved = state["train_config"]
+        global_batch = saved["batch_size"] * saved["grad_accum"] * len(rngs)
+        per_step = cfg.batch_size * d.world_size
+        if global_batch % per_step != 0:
+            raise ConfigError(f"resume: checkpoint {path.name} was written by {len(rngs)} process(es) with a global "
+                              f"batch of {global_batch}, which batch_size={cfg.batch_size} x {d.world_size} "
+                              "process(es) cannot reproduce; choose a batch_size that divides it")
+        if global_batch != per_step * cfg.grad_accum:
+            cfg.grad_accum = global_batch // per_step
+            self.sampler = self._sampler()
+        self._say(f"resume: checkpoint written by {len(rngs)} process(es), now {d.world_size}: global batch "
+                  f"{global_batch} kept (grad_accum={cfg.grad_accum}); ranks >= {len(rngs)} start fresh RNG streams")
+
+    def _extra_state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "tokens": self.tokens, "rng": rngs, "data_position": {"seed": cfg.seed, "step": self.step},
+                "train_config": cfg.to_dict(), "model_config": self.gcfg.to_dict(),
+                "world_size": self.dist.world_size, "last_loss": self.last_loss, "val_loss": self.val_loss}
+
     def save(self) -> Path:
         """Checkpoint the current step (a collective under FSDP2/DDP: every rank calls it); returns its path."""
-        model_sd, opt_sd = full_state(self.raw, self.opt, self.fsdp)
         rngs = self.dist.all_gather_object(rng_state())
-        path = self.out_dir / f"ckpt_{self.step:06d}.pt"
-        if self.dist.main:
-            cfg = self.cfg
-            state = {"model": model_sd, "optimizer": opt_sd, "scheduler": self.sched.state_dict(),
-                     "scaler": self.scaler.state_dict(), "step": self.step, "tokens": self.tokens, "rng": rngs,
-                     "data_position": {"seed": cfg.seed, "step": self.step}, "train_config": cfg.to_dict(),
-                     "model_config": self.gcfg.to_dict(), "world_size": self.dist.world_size,
-                     "last_loss": self.last_loss, "val_loss": self.val_loss}
-            path = save_checkpoint(self.out_dir, self.step, state, keep=cfg.keep_checkpoints)
-        self.dist.barrier()
+        keep = self.cfg.keep_checkpoints
+        if self.cfg.ckpt_format == "sharded":
+            path = save_sharded(self.out_dir, self.step, self.raw, self.opt, self._extra_state(rngs), self.dist,
+                                keep=keep)
+        else:
+            model_sd, opt_sd = full_state(self.raw, self.opt, self.fsdp)
+            path = self.out_dir / f"ckpt_{self.step:06d}.pt"
+            if self.dist.main:
+                state = {"model": model_sd, "optimizer": opt_sd, **self._extra_state(rngs)}
+                path = save_checkpoint(self.out_dir, self.step, state, keep=keep)
+            self.dist.barrier()
         self.checkpoint = path
         return path
 

@@ -28,7 +28,7 @@ SCHEMA_VERSION = 1
 
 NON_SEMANTIC_KEYS = (
     "out_dir", "threads", "log_every", "tensorboard", "stop_at", "time_limit_s", "compile", "device",
-    "keep_checkpoints", "ckpt_interval", "diag_interval", "diag_batch_size", "data.cache_dir",
+    "keep_checkpoints", "ckpt_interval", "diag_interval", "diag_batch_size", "ckpt_format", "data.cache_dir",
 )
 """Training-config keys that do not change what a finished run computed; ignored when deciding whether a stored
 result still matches the grid (so e.g. ``--set threads=4`` or a moved grid directory does not retrain)."""
