@@ -338,16 +338,17 @@ def test_fsdp2_sharded_checkpoint_sigkill_resumes_on_one_process(corpus, tmp_pat
 @pytest.mark.slow
 @pytest.mark.skipif(_fsdp_available() is not None, reason=str(_fsdp_available()))
 def test_one_process_sharded_checkpoint_resumes_on_two(corpus, tmp_path):
+    """A sharded checkpoint of one process resumes under DDP on two (the FSDP2 direction is tested above)."""
     cache = tmp_path / "cache"
     extra = {"max_steps": 12, "ckpt_interval": 6, "eval_interval": 6, "model.n_layer": 2, "ckpt_format": "sharded"}
     ref = tmp_path / "ref"
-    res = _torchrun(2, _sets(_overrides(corpus, ref, cache, batch_size=2, fsdp="true", **extra)))
+    res = _torchrun(2, _sets(_overrides(corpus, ref, cache, batch_size=2, **extra)))
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
     train(load_config(None, _overrides(corpus, run, cache, batch_size=2, grad_accum=2, stop_at=6, **extra)),
           quiet=True)
     res = subprocess.run([*_torchrun_cmd(2), "--resume", *_sets(_overrides(corpus, run, cache, batch_size=2,
-                                                                           fsdp="true", **extra))],
+                                                                           **extra))],
                          env=_torchrun_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _losses(ref), _losses(run)

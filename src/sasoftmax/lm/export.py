@@ -18,6 +18,7 @@ The directory is written under a temporary name and renamed into place: an expor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -131,7 +132,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not an empty directory")
     path, state = load_run(ckpt, step)
-    gcfg = model_config(state, imports)
+    gcfg = dataclasses.replace(model_config(state, imports), attn_backend="auto")  # the device's best, wherever loaded
     tok = run_tokenizer(path.parent, state)
     if tok.vocab_size != gcfg.vocab_size:
         raise ValueError(f"the run's tokenizer has {tok.vocab_size} tokens but the model {gcfg.vocab_size}")
