@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import chunked, cpp_backend
 from .dropout import seed_tensor
@@ -127,7 +128,6 @@ def _cpp_common(a: FwdArgs | BwdArgs) -> tuple:
             0 if seed is None else seed, cpp_backend.block_rows(a.k.shape[2], a.block_rows or None))
 
 
-@torch.library.custom_op("sasoftmax::attention_fwd", mutates_args=(), schema=_schema(FwdArgs, 3))
 def _attention_fwd(*args):
     """``(out (B, Hq, Nq, Dv), stats, idx)`` of :class:`FwdArgs` (:func:`stats_shapes`)."""
     a = FwdArgs(*args)
@@ -137,7 +137,11 @@ def _attention_fwd(*args):
     return chunked.forward_op(_inputs(a), _seed_value(a.seed), a.block_rows or None, a.need_stats)
 
 
-@_attention_fwd.register_fake
+_fwd_op = torch.library.custom_op("sasoftmax::attention_fwd", _attention_fwd, mutates_args=(),
+                                  schema=_schema(FwdArgs, 3))
+
+
+@_fwd_op.register_fake
 def _attention_fwd_fake(*args):
     a = FwdArgs(*args)
     (s_shape, s_dt), (i_shape, i_dt) = stats_shapes(a.backend, a.q, a.need_stats, a.normalize, a.detach_range)
@@ -212,9 +216,18 @@ def attention(inp: AttentionInputs, backend: str, block_size: int | None = None)
     seed = seed_tensor(inp.generator) if inp.dropout_p > 0 else None
     need_stats = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (inp.q, inp.k, inp.v, inp.bias))
-    out, _, _ = torch.ops.sasoftmax.attention_fwd(
-        inp.q, inp.k, inp.v, inp.keep, inp.mask_add, inp.bias, inp.alibi_slopes, seed, inp.is_causal,
-        float(inp.scale), inp.normalize, inp.detach_range, float(inp.eps), float(inp.dropout_p), backend,
-        0 if block_size is None else int(block_size), need_stats)
-    return out
+    args = (inp.q, inp.k, inp.v, inp.keep, inp.mask_add, inp.bias, inp.alibi_slopes, seed, inp.is_causal,
+            float(inp.scale), inp.normalize, inp.detach_range, float(inp.eps), float(inp.dropout_p), backend,
+            0 if block_size is None else int(block_size), need_stats)
+    if not need_stats and _plain_eager(inp.q):
+        # eager inference (e.g. a decoding step): the op's implementation itself, without the ~50 us round trip
+        # through the dispatcher; traced, autograd and tensor-subclass calls always go through the op
+        return _attention_fwd(*args)[0]
+    return torch.ops.sasoftmax.attention_fwd(*args)[0]
+
+
+def _plain_eager(q: Tensor) -> bool:
+    """Eager mode on a plain tensor: not compiling, no tensor subclass, no dispatch or function mode active."""
+    return (not torch.compiler.is_compiling() and type(q) is Tensor and _current_dispatch_mode() is None
+            and not torch._C._is_torch_function_mode_enabled())
 
