@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the transformers integration tests against another transformers release, in a separate venv.
+# Run the transformers integration and export tests against another transformers release, in a separate venv.
 #   TRANSFORMERS=5.17.0 bash scripts/compat_hf.sh      # the version of the project's GPU image
 # The venv goes to ${VENV:-.venv-hf-$TRANSFORMERS}; torch and the test tools come from requirements/ (same pins).
 set -euo pipefail
@@ -13,7 +13,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pins() { grep -E "^($1)==" requirements/main.txt requirements/test.txt | cut -d: -f2; }
 # shellcheck disable=SC2046
-"$venv/bin/python" -m pip install --quiet $(pins 'torch|numpy|tokenizers|pytest|hypothesis') "transformers==$ver"
+"$venv/bin/python" -m pip install --quiet $(pins 'torch|numpy|tokenizers|matplotlib|pytest|hypothesis') "transformers==$ver"
 "$venv/bin/python" -m pip install --quiet --no-deps -e .
 "$venv/bin/python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" exec "$venv/bin/python" -m pytest tests/integrations/test_hf.py tests/integrations/test_nn.py -q -p no:cacheprovider "$@"
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" exec "$venv/bin/python" -m pytest tests/integrations/test_hf.py tests/integrations/test_nn.py tests/lm/test_export.py -q -p no:cacheprovider "$@"

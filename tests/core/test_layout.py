@@ -35,6 +35,9 @@ SPLIT = {
 }
 SHIMS = {name.split(".")[1] + ".py" for name in [*MOVED, *SPLIT]}
 ENTRY_POINTS = {"__main__.py"}  # ``python -m sasoftmax`` is the harness's command line
+# The one core module allowed to *name* the harness: it registers the exported GPT with transformers' Auto classes
+# when (and only when) those are imported; it imports nothing itself (checked below).
+BRIDGES = {"_hf_auto.py"}
 
 # Public signatures that mirror an outside convention (SDPA, nn.MultiheadAttention, the normalizer calling convention)
 # or are keyword-option entry points: allowed more than 8 parameters.
@@ -75,11 +78,30 @@ def test_core_never_imports_the_harness():
     assert len(_core_files()) > 10  # the scan saw the package
 
 
+def _code_strings(path: Path) -> list[str]:
+    """The string constants of a module's code (docstrings left out)."""
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def test_only_the_bridge_names_the_harness():
+    named = sorted(p.relative_to(SRC).as_posix() for p in _core_files()
+                   if any("sasoftmax.lm" in text for text in _code_strings(p)))
+    assert named == sorted(BRIDGES), named
+
+
 def test_importing_the_core_loads_no_harness_module():
     core = ["sasoftmax", "sasoftmax.attention", "sasoftmax.normalizers", "sasoftmax.positional", "sasoftmax.nn",
             "sasoftmax.functional", "sasoftmax.utils", "sasoftmax.integrations.nn"]
     code = ("import sys\n" + "".join(f"import {m}\n" for m in core)
-            + "print(sorted(m for m in sys.modules if m.startswith('sasoftmax.lm')))")
+            + "print(sorted(m for m in sys.modules if m.startswith(('sasoftmax.lm', 'transformers'))))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
     assert res.returncode == 0, res.stderr
