@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from _machine import cpu_name
+from _machine import cpu_name, vector_isa
 
 IMPLS = ("sa", "sa_plain", "sdpa", "eager")
 LABELS = {"sa": "SA", "sa_plain": "SA plain", "sdpa": "SDPA", "eager": "naive eager SA"}
@@ -143,7 +143,7 @@ def _header(args) -> str:
     backend = f"cpp (fused kernel, gemm: {cpp_backend.gemm_in_use()})" if err is None else f"chunked ({err})"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"CPU attention, {args.dtype}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
-            f"{'causal' if args.causal else 'not causal'} — {when}, {cpu_name()}, {os.cpu_count()} CPUs, "
+            f"{'causal' if args.causal else 'not causal'} — {when}, {cpu_name()} ({vector_isa()}), {os.cpu_count()} CPUs, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; SA = sa_attention(backend='auto') -> "
             f"{backend}; medians of {args.reps} alternating rounds")
 

@@ -1,7 +1,7 @@
 """Prefill and per-token decode latency of a tiny random Llama with ``sa_softmax`` vs ``sdpa`` attention.
 
 Both implementations run in the same process on the same weights, interleaved repetition by repetition, so machine
-noise hits both alike. Prints the medians, the ratio sa_softmax / sdpa (target <= 1.3) and, with ``--profile``, the
+noise hits both alike. Prints the medians, the ratio sa_softmax / sdpa (target <= 1.1) and, with ``--profile``, the
 Python functions that dominate one SA decode step.
 
     .venv/bin/python benchmarks/bench_hf_decode.py [--layers 4 --hidden 256 --heads 4 --kv-heads 2
@@ -114,7 +114,7 @@ def main() -> None:
         print(f"{impl:10}{1e3 * statistics.median(pre[impl]):12.2f}{1e3 * statistics.median(dec[impl]):18.3f}")
     r_pre = statistics.median(pre["sa_softmax"]) / statistics.median(pre["sdpa"])
     r_dec = statistics.median(dec["sa_softmax"]) / statistics.median(dec["sdpa"])
-    print(f"{'ratio':10}{r_pre:12.2f}{r_dec:18.2f}   (sa_softmax / sdpa; target <= 1.3)")
+    print(f"{'ratio':10}{r_pre:12.2f}{r_dec:18.2f}   (sa_softmax / sdpa; target <= 1.1)")
 
     if args.profile:
         _, cache, nxt = prefill(models["sa_softmax"], ids)
