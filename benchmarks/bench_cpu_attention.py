@@ -143,8 +143,8 @@ def _header(args) -> str:
     backend = f"cpp (fused kernel, gemm: {cpp_backend.gemm_in_use()})" if err is None else f"chunked ({err})"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"CPU attention, {args.dtype}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
-            f"{'causal' if args.causal else 'not causal'} — {when}, {cpu_name()} ({vector_isa()}), {os.cpu_count()} CPUs, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads; SA = sa_attention(backend='auto') -> "
+            f"{'causal' if args.causal else 'not causal'} — {when}, {cpu_name()} ({vector_isa()}), "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; SA = sa_attention(backend='auto') -> "
             f"{backend}; medians of {args.reps} alternating rounds")
 
 
