@@ -144,8 +144,8 @@ def _header(args) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"CPU attention, {args.dtype}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
             f"{'causal' if args.causal else 'not causal'} — {when}, {cpu_name()} ({vector_isa()}), "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; SA = sa_attention(backend='auto') -> "
-            f"{backend}; medians of {args.reps} alternating rounds")
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"SA = sa_attention(backend='auto') -> {backend}; medians of {args.reps} alternating rounds")
 
 
 TIME_COLUMNS = ["N", "SA fwd+bwd (s)", "SA plain fwd+bwd (s)", "SDPA fwd+bwd (s)", "naive eager SA fwd+bwd (s)",
