@@ -7,14 +7,24 @@ Public entry points (used by :mod:`sasoftmax.attention.api`):
 * :func:`triton_attention` — ``(B, Hq, Nq, Dv)`` output in the input dtype, differentiable in ``q``, ``k``, ``v`` and
   ``bias``.
 
-What the kernels do: the forward streams over key blocks with an online softmax (running max and sum) plus the SA
-accumulators ``acc1 = sum (s e) v`` and, for the normalized form, ``acc0 = sum e v`` and a running minimum; the
-output is ``acc1 / l`` (plain) or ``c (acc1 - a acc0) / l`` (normalized). It saves the log-sum-exp and ``a``, ``b`` per
-row, and when the range is differentiated also the arg-min/arg-max key per row and ``O0 = acc0 / l``. The backward is
-FlashAttention-2's (one kernel for ``dk``/``dv``/``dbias`` over key blocks, one for ``dq`` over query blocks) with
-``ds = p (fac dP - Delta)``; the range terms ``dL/da``, ``dL/db`` of the normalized form are added afterwards as an
-O(N D) sparse correction at the arg-min/arg-max keys. No N x N buffer is allocated (except the bias gradient, which has
-the bias' own shape).
+The kernels (:mod:`sasoftmax.attention.triton_kernels`) run behind two ``torch.library`` custom operators,
+``sasoftmax::triton_sa_fwd`` and ``sasoftmax::triton_sa_bwd``, with fake (meta) implementations and a registered
+autograd formula, so ``torch.compile(..., fullgraph=True)`` traces through a call without a graph break. Only tensors,
+bools and floats cross the operator boundary; the dropout seed is a tensor (drawn without ``.item()``).
+
+Forward: plain SA in one pass, normalized SA in two (statistics, then exact weights into one accumulator). Backward:
+``Delta = rowsum(dO * O)`` in a small kernel, then either
+
+* the fast path (default): one kernel over key blocks computing ``dk``, ``dv`` and adding ``dq`` with float32
+  atomics (five matrix products per tile), then a small kernel that converts ``dq`` and applies the sparse range
+  correction of the normalized form (a gather for ``dq``, atomics for ``dk`` and the bias gradient); or
+* the deterministic path (:data:`DETERMINISTIC`, ``SASOFTMAX_TRITON_DETERMINISTIC=1`` or
+  ``torch.use_deterministic_algorithms(True)``): a ``dq`` kernel over query blocks (three products per tile), which
+  also completes the range terms, then the key/value kernel (four products per tile) adding them to ``ds`` in place.
+  No atomics anywhere: the gradients are bitwise repeatable.
+
+No N x N buffer is allocated (except the bias gradient, which has the bias' own shape; in deterministic mode a
+broadcast bias' gradient is reduced from per-(batch, head) partials).
 
 Masks follow :mod:`sasoftmax.attention.inputs`: bool ``keep`` (True = attend), additive float-mask values, additive
 ``bias`` (may require grad), ALiBi slopes (computed in-kernel), causal aligned bottom-right; all 4-d masks are read
@@ -23,82 +33,88 @@ by strides, with stride 0 on broadcast dims. Rows with no visible key give outpu
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .dropout import draw_seed
 from .inputs import AttentionInputs
 
 try:  # triton is optional
-    import triton  # noqa: F401
+    from . import triton_kernels as _tk
 
     _TRITON_ERROR: str | None = None
+    INTERPRET: bool = _tk.INTERPRET
 except Exception as err:  # pragma: no cover - depends on the environment
+    _tk = None  # type: ignore[assignment]
     _TRITON_ERROR = f"triton is not installed or failed to import ({type(err).__name__}: {err})"
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-__all__ = ["unsupported_reason", "triton_attention", "MAX_HEAD_DIM"]
+__all__ = ["unsupported_reason", "triton_attention", "MAX_HEAD_DIM", "DETERMINISTIC", "launch_grid",
+           "launch_plan", "CUDA_GRID_LIMITS"]
 
 MAX_HEAD_DIM = 256
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRET_BLOCK = 16  # block sizes under the interpreter: small, so that the tests stay fast
+_INT32_MAX = 2**31 - 1
+
+DETERMINISTIC: bool | None = None
+"""Backward path switch. ``None`` (default): deterministic if the environment variable
+``SASOFTMAX_TRITON_DETERMINISTIC`` is set to 1 when this module is imported, or if
+``torch.are_deterministic_algorithms_enabled()``; else the fast path. ``True``/``False`` force one path. The
+deterministic path has no atomics (gradients bitwise repeatable) and does two more matrix products per tile."""
+
+_ENV_DETERMINISTIC = os.environ.get("SASOFTMAX_TRITON_DETERMINISTIC", "0").strip() not in ("", "0", "false", "no")
+_AUTOTUNE = os.environ.get("SASOFTMAX_TRITON_AUTOTUNE", "0").strip() not in ("", "0", "false", "no")
 
 
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _kernels_interpret() -> bool:
-    """Whether the kernels run (or, once imported, will run) under the Triton interpreter."""
-    import sys
-
-    mod = sys.modules.get(__name__.rsplit(".", 1)[0] + ".triton_kernels")
-    if mod is not None:
-        return bool(mod.INTERPRET)
-    return _interpret_env()
-
-
-def unsupported_reason(inp: AttentionInputs) -> str | None:
-    """``None`` if :func:`triton_attention` can run ``inp``, else a short human-readable reason."""
-    if _TRITON_ERROR is not None:
-        return _TRITON_ERROR
-    q, v = inp.q, inp.v
-    if q.dtype not in _SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32 are)"
-    interpret = _kernels_interpret()
-    if not q.is_cuda and not interpret:
-        return "tensors are not on CUDA and TRITON_INTERPRET is not set"
-    if q.is_cuda and interpret:
-        return "TRITON_INTERPRET is set, so the kernels were built for the interpreter, not for CUDA"
-    if interpret and q.dtype == torch.bfloat16:
-        return "bfloat16 is not supported under the Triton interpreter"
-    D, Dv = q.shape[-1], v.shape[-1]
-    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
-        return f"head_dim {max(D, Dv)} > {MAX_HEAD_DIM}"
-    if D < 1 or Dv < 1:
-        return "head_dim 0"
-    # in-kernel offsets within one (batch, head) slice are 32-bit
-    for name, t in (("q", q), ("k", inp.k), ("v", v), ("attn_mask", inp.keep), ("attn_mask", inp.mask_add),
-                    ("bias", inp.bias)):
-        if t is not None and sum((t.shape[d] - 1) * t.stride(d) for d in (2, 3)) >= 2**31 - 1:
-            return f"`{name}` is too large for the kernel's 32-bit offsets within one (batch, head)"
-    if inp.bias is not None and inp.bias.requires_grad and inp.nq * inp.nk >= 2**31 - 1:
-        return "the bias gradient is too large for the kernel's 32-bit offsets"
-    return None
+def deterministic() -> bool:
+    """Whether the next backward uses the deterministic (atomic-free) path; see :data:`DETERMINISTIC`."""
+    if DETERMINISTIC is not None:
+        return bool(DETERMINISTIC)
+    return _ENV_DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # launch configuration
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim, for sm_90 (H100/H200). Chosen without a
+# GPU by compiling the candidates ahead of time (benchmarks/triton_static.py --sweep): the largest tiles with no
+# register spills for bf16/fp16 and every feature set but "all", within shared memory. ``kv``/``kv_det`` are the
+# key/value kernel of the fast / deterministic path (BLOCK_N keys per program, BLOCK_M queries per iteration).
+GPU_CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
+    "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 4, 2)},
+    "kv": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (16, 64, 8, 1)},
+    "kv_det": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (16, 64, 8, 1)},
+    "dq": {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 4, 2)},
+}
+# float32 inputs use exact (non-tensor-core) products, which need more registers and shared memory: smaller tiles.
+GPU_CONFIGS_FP32: dict[str, dict[int, tuple[int, int, int, int]]] = {
+    "fwd": {64: (64, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)},
+    "kv": {64: (32, 64, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 1)},
+    "kv_det": {64: (32, 64, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 1)},
+    "dq": {64: (64, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)},
+}
+# the small row kernels (Delta / dq conversion and range correction): (BLOCK_M, num_warps)
+ROW_CONFIG: tuple[int, int] = (64, 4)
+AUTOTUNE_CANDIDATES: dict[str, list[tuple[int, int, int, int]]] = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    "kv": [(32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "kv_det": [(32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "dq": [(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+}
+
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _block_dim(d: int) -> int:
+def block_dim(d: int) -> int:
+    """The padded head dim a kernel is compiled for (a power of two >= 16)."""
     return max(16, _pow2(d))
 
 
@@ -106,90 +122,151 @@ def _n_bucket(nq: int, nk: int) -> int:
     return _pow2(max(nq, nk, 1))
 
 
-# Launch configurations on the GPU (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim. They were chosen
-# for sm_90 (H100/H200) by compiling every candidate ahead of time and keeping the ones that fit in shared memory with
-# the fewest register spills; set SASOFTMAX_TRITON_AUTOTUNE=1 to let Triton time a few candidates per shape instead.
-_GPU_CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
-    "fwd": {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 32, 4, 2)},
-    "dkdv": {64: (32, 128, 8, 2), 128: (32, 128, 8, 2), 256: (16, 64, 4, 2)},
-    "dq": {64: (128, 32, 8, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 2)},
-}
-# float32 inputs use exact (non-tensor-core) products, which need much more shared memory: smaller tiles, no autotune.
-_GPU_CONFIGS_FP32: dict[str, dict[int, tuple[int, int, int, int]]] = {
-    "fwd": {64: (64, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)},
-    "dkdv": {64: (32, 64, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 1)},
-    "dq": {64: (64, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)},
-}
-_AUTOTUNE_CANDIDATES: dict[str, list[tuple[int, int, int, int]]] = {
-    "fwd": [(128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 4, 3), (64, 32, 4, 2)],
-    "dkdv": [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (16, 64, 4, 2)],
-    "dq": [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)],
-}
+def gpu_config(kind: str, bd: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``kind`` for padded head dim ``bd`` on the GPU."""
+    table = (GPU_CONFIGS_FP32 if dtype == torch.float32 else GPU_CONFIGS)[kind]
+    return table[min(d for d in table if d >= bd)]
+
+
+def launch_grid(rows: int, block: int, programs: int) -> tuple[int, int, int]:
+    """The CUDA grid of a kernel over ``cdiv(rows, block)`` blocks times ``programs`` (batch x heads): everything on
+    axis 0 (limit 2^31 - 1), so that a large batch never meets the 65535 limit of axes 1 and 2."""
+    n = -(-rows // block) * programs
+    if n > CUDA_GRID_LIMITS[0]:
+        raise ValueError(f"{n} programs exceed CUDA's grid limit of {CUDA_GRID_LIMITS[0]}")
+    return (max(n, 1), 1, 1)
+
+
+def launch_plan(B: int, H: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: int, dtype: torch.dtype,
+                deterministic: bool = False) -> dict[str, tuple[int, int, int]]:
+    """The grids of every kernel of one call (forward and backward) on the GPU, by kernel name."""
+    bd = max(block_dim(D), block_dim(Dv))
+    fwd = gpu_config("fwd", bd, dtype)
+    kv = gpu_config("kv_det" if deterministic else "kv", bd, dtype)
+    plan = {
+        "sa_fwd": launch_grid(Nq, fwd[0], B * H),
+        "sa_bwd_pre": launch_grid(Nq, ROW_CONFIG[0], B * H),
+        "sa_bwd_kv": launch_grid(Nk, kv[1], B * Hkv),
+    }
+    if deterministic:
+        plan["sa_bwd_dq"] = launch_grid(Nq, gpu_config("dq", bd, dtype)[0], B * H)
+    else:
+        plan["sa_bwd_post"] = launch_grid(Nq, ROW_CONFIG[0], B * H)
+    return plan
+
 
 _TUNED: dict[str, Any] = {}
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get("SASOFTMAX_TRITON_AUTOTUNE", "0") not in ("", "0")
-
-
-def _kernel(kind: str, block_d: int, dtype: torch.dtype) -> tuple[Any, dict[str, int]]:
-    """The kernel to launch for ``kind`` ("fwd", "dkdv", "dq") and its block sizes (plus warps/stages on the GPU);
-    no options when the autotuned wrapper picks them."""
-    L = _launchers()
-    if L["interpret"]:
-        return L[kind], {"BLOCK_M": _INTERPRET_BLOCK, "BLOCK_N": _INTERPRET_BLOCK}
-    if dtype != torch.float32 and L["tuned"] is not None:
-        return L["tuned"][kind], {}
-    table = (_GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS)[kind]
-    bm, bn, warps, stages = table[min(d for d in table if d >= block_d)]
-    return L[kind], {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
-
-
-def _launchers() -> dict[str, Any]:
-    """The three kernels: plain JIT functions (interpreter, or fixed GPU configurations) or autotuned wrappers."""
-    if _TUNED:
-        return _TUNED
+def _autotuned(kind: str) -> Any:
+    """``triton.autotune`` wrappers of the three big kernels (GPU, ``SASOFTMAX_TRITON_AUTOTUNE=1``)."""
+    if kind in _TUNED:
+        return _TUNED[kind]
     import triton
-
-    from . import triton_kernels as tk
-
-    _TUNED.update(fwd=tk.sa_fwd, dkdv=tk.sa_bwd_dkdv, dq=tk.sa_bwd_dq, interpret=tk.INTERPRET, tuned=None)
-    if tk.INTERPRET or not _autotune_enabled():
-        return _TUNED
-
-    def configs(kind: str) -> list:
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                for bm, bn, w, st in _AUTOTUNE_CANDIDATES[kind]]
 
     def prune_big_d(configs: list, named_args: dict, **kwargs: Any) -> list:
         # above head dim 128 keep only the small tiles (the others do not fit in shared memory / registers)
-        big = max(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)), kwargs.get("BLOCK_DV", named_args.get(
-            "BLOCK_DV", 64)))
+        big = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
         if big > 128:
-            small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32]
+            small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
             return small or configs
         return configs
 
     keys = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "NORMALIZE", "RANGE_GRAD", "HAS_KEEP", "HAS_MADD",
             "HAS_BIAS", "HAS_ALIBI", "HAS_DROPOUT"]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+               for bm, bn, w, st in AUTOTUNE_CANDIDATES[kind]]
     prune = {"early_config_prune": prune_big_d}
-    _TUNED["tuned"] = {
-        "fwd": triton.autotune(configs("fwd"), key=keys, prune_configs_by=prune)(tk.sa_fwd),
-        # the dkdv kernel adds the bias gradient atomically: zero it before each timed trial
-        "dkdv": triton.autotune(configs("dkdv"), key=[*keys, "BIAS_GRAD"], prune_configs_by=prune,
-                                reset_to_zero=["DBias"])(tk.sa_bwd_dkdv),
-        "dq": triton.autotune(configs("dq"), key=keys, prune_configs_by=prune)(tk.sa_bwd_dq),
-    }
-    return _TUNED
+    fn = {"fwd": _tk.sa_fwd, "kv": _tk.sa_bwd_kv, "kv_det": _tk.sa_bwd_kv, "dq": _tk.sa_bwd_dq}[kind]
+    extra: dict[str, Any] = {}
+    if kind == "kv":  # atomics: zero the accumulators before each timed trial
+        extra["reset_to_zero"] = ["DQacc", "RowA", "RowB", "DBias"]
+        keys = [*keys, "BIAS_GRAD", "NEED_DQ"]
+    elif kind == "kv_det":
+        keys = [*keys, "BIAS_GRAD"]
+    _TUNED[kind] = triton.autotune(configs, key=keys, prune_configs_by=prune, **extra)(fn)
+    return _TUNED[kind]
 
 
-def _grid(nblocks_of: int, block_key: str, programs: int):
-    return lambda meta: (triton_cdiv(nblocks_of, meta[block_key]), programs)
+LAUNCH_HOOK: Any = None
+"""If set, ``LAUNCH_HOOK(kind, fn, grid, args, kwargs)`` is called instead of launching a kernel (used by
+``benchmarks/triton_static.py`` to compile, for sm_90, exactly what the launcher would run)."""
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def _run(kind: str, fn: Any, grid: Any, args: list, kwargs: dict[str, Any]) -> None:
+    if LAUNCH_HOOK is not None:
+        LAUNCH_HOOK(kind, fn, grid, args, kwargs)
+        return
+    fn[grid](*args, **kwargs)
+
+
+def _launch(kind: str, fn: Any, rows: int, programs: int, bd: int, dtype: torch.dtype, args: list,
+            consts: dict[str, Any]) -> None:
+    """Launch ``fn`` (kind "fwd", "kv", "kv_det", "dq") on a one-dimensional grid (see :func:`launch_grid`)."""
+    block_key = "BLOCK_N" if kind.startswith("kv") else "BLOCK_M"
+    if INTERPRET:
+        opts: dict[str, int] = {"BLOCK_M": _INTERPRET_BLOCK, "BLOCK_N": _INTERPRET_BLOCK}
+    elif _AUTOTUNE and dtype != torch.float32 and LAUNCH_HOOK is None:
+        fn = _autotuned(kind)
+        fn[lambda meta: launch_grid(rows, meta[block_key], programs)](*args, **consts)
+        return
+    else:
+        bm, bn, warps, stages = gpu_config(kind, bd, dtype)
+        opts = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+    _run(kind, fn, launch_grid(rows, opts[block_key], programs), args, {**consts, **opts})
+
+
+def _row_opts() -> dict[str, int]:
+    if INTERPRET:
+        return {"BLOCK_M": 2 * _INTERPRET_BLOCK}
+    return {"BLOCK_M": ROW_CONFIG[0], "num_warps": ROW_CONFIG[1]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checks
+
+
+def _offsets_fit(t: Tensor | None) -> bool:
+    """Whether the offsets of ``t`` within one (batch, head) slice (its last two dims) fit in 32 bits."""
+    return t is None or sum((t.shape[d] - 1) * t.stride(d) for d in (2, 3) if t.shape[d] > 0) < _INT32_MAX
+
+
+def unsupported_reason(inp: AttentionInputs) -> str | None:
+    """``None`` if :func:`triton_attention` can run ``inp``, else a short human-readable reason."""
+    if _TRITON_ERROR is not None:
+        return _TRITON_ERROR
+    q, k, v = inp.q, inp.k, inp.v
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32 are)"
+    if not q.is_cuda and not INTERPRET:
+        return "tensors are not on CUDA and TRITON_INTERPRET is not set"
+    if q.is_cuda and INTERPRET:
+        return "TRITON_INTERPRET is set, so the kernels were built for the interpreter, not for CUDA"
+    if INTERPRET and q.dtype == torch.bfloat16:
+        return "bfloat16 is not supported under the Triton interpreter"
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
+        return f"head_dim {max(D, Dv)} > {MAX_HEAD_DIM}"
+    if D < 1 or Dv < 1:
+        return "head_dim 0"
+    # in-kernel offsets within one (batch, head) slice are 32-bit (the output and the gradients are allocated
+    # contiguous like q, k, v; a grad_out that does not fit is made contiguous in the backward)
+    for name, t in (("q", q), ("k", k), ("v", v), ("attn_mask", inp.keep), ("attn_mask", inp.mask_add),
+                    ("bias", inp.bias)):
+        if not _offsets_fit(t):
+            return f"`{name}` is too large for the kernel's 32-bit offsets within one (batch, head)"
+    if max(inp.nq, inp.nk) * max(D, Dv) >= _INT32_MAX:
+        return "the output or a gradient is too large for the kernel's 32-bit offsets within one (batch, head)"
+    if inp.bias is not None and inp.bias.requires_grad and inp.nq * inp.nk >= _INT32_MAX:
+        return "the bias gradient is too large for the kernel's 32-bit offsets"
+    smallest = _INTERPRET_BLOCK if INTERPRET else 16
+    if -(-max(inp.nq, inp.nk) // smallest) * inp.batch * inp.heads > CUDA_GRID_LIMITS[0]:
+        return "too many (batch, head, block) programs for one CUDA grid"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kernel arguments
 
 
 def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
@@ -199,195 +276,276 @@ def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
     return tuple(0 if t.shape[d] == 1 else t.stride(d) for d in range(4))  # type: ignore[return-value]
 
 
-class _Extras:
-    """Pointers and strides of the optional score terms, shared by the three kernels."""
-
-    def __init__(self, inp: AttentionInputs, bias: Tensor | None, dummy: Tensor):
-        keep = inp.keep
-        self.keep = dummy if keep is None else keep.view(torch.uint8)
-        self.madd = dummy if inp.mask_add is None else inp.mask_add
-        self.bias = dummy if bias is None else bias
-        sl = inp.alibi_slopes
-        self.slopes = dummy if sl is None else sl
-        self.args = [
-            self.keep, self.madd, self.bias, self.slopes,
-        ]
-        self.strides = [
-            *_strides4(keep), *_strides4(inp.mask_add), *_strides4(bias),
-            *((0, 0) if sl is None else (0 if sl.shape[0] == 1 else sl.stride(0), sl.stride(1))),
-        ]
-        self.flags = {
-            "IS_CAUSAL": inp.is_causal, "HAS_KEEP": keep is not None, "HAS_MADD": inp.mask_add is not None,
-            "HAS_BIAS": bias is not None, "HAS_ALIBI": sl is not None,
-        }
+def _extras(keep: Tensor | None, madd: Tensor | None, bias: Tensor | None, slopes: Tensor | None,
+            dummy: Tensor) -> tuple[list[Tensor], list[int], dict[str, bool]]:
+    """Pointers, strides and flags of the optional score terms, shared by the kernels."""
+    args = [dummy if keep is None else keep.view(torch.uint8), dummy if madd is None else madd,
+            dummy if bias is None else bias, dummy if slopes is None else slopes]
+    strides = [*_strides4(keep), *_strides4(madd), *_strides4(bias),
+               *((0, 0) if slopes is None else (0 if slopes.shape[0] == 1 else slopes.stride(0), slopes.stride(1)))]
+    flags = {"HAS_KEEP": keep is not None, "HAS_MADD": madd is not None, "HAS_BIAS": bias is not None,
+             "HAS_ALIBI": slopes is not None}
+    return args, strides, flags
 
 
-def _dropout_args(p: float, seed: int | None) -> tuple[list[Any], bool]:
-    """Kernel arguments ``seed_lo, seed_hi, drop_thr, drop_scale`` and the ``HAS_DROPOUT`` flag.
-
-    The integers go in as ``value | 2**32`` so that Triton types them int64 whatever the seed (the kernels use the low
-    32 bits); the threshold is the one of :func:`sasoftmax.attention.dropout.keep_mask` (keep if hash >= p 2^32)."""
-    if seed is None:
-        return [1 << 32, 1 << 32, 1 << 32, 1.0], False
-    lo, hi, thr = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, int(p * 2**32)
-    return [lo | 1 << 32, hi | 1 << 32, thr | 1 << 32, 1.0 / (1.0 - p)], True
+def _dropout_args(p: float) -> list[Any]:
+    """Kernel arguments ``drop_thr, drop_scale``; the threshold goes in as ``value | 2**32`` so that Triton types it
+    int64 (the kernels use the low 32 bits). It is the one of :func:`sasoftmax.attention.dropout.keep_mask` (keep if
+    hash >= p 2^32)."""
+    if p <= 0.0:
+        return [1 << 32, 1.0]
+    return [int(p * 2**32) | 1 << 32, 1.0 / (1.0 - p)]
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
-    # float32 inputs get exact float32 products (no TF32), so that the accuracy rule against float32 holds
+    # float32 inputs get exact float32 products (no TF32, off the tensor cores), so that the accuracy rule holds
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-class _TritonSA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, inp: AttentionInputs, need_grad: bool):
-        B, H, Nq, D = q.shape
-        Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-        dev = q.device
-        norm = inp.normalize
-        range_grad = norm and not inp.detach_range and need_grad
-        # For half inputs that need a gradient the kernel writes a float32 output, which the backward uses for
-        # Delta = g . o: with the rounded output, Delta's error (amplified by the SA factor 1 + s) dominates dq and dk.
-        o_dtype = torch.float32 if need_grad else q.dtype
-        out = torch.empty(B, H, Nq, Dv, dtype=o_dtype, device=dev)
-        lse = torch.empty(B, H, Nq, dtype=torch.float32, device=dev)
-        dummy = torch.empty(1, dtype=torch.float32, device=dev)
-        ra = torch.empty_like(lse) if norm else dummy
-        rb = torch.empty_like(lse) if norm else dummy
-        idx_dummy = torch.empty(1, dtype=torch.int32, device=dev)
-        imin = torch.empty(B, H, Nq, dtype=torch.int32, device=dev) if range_grad else idx_dummy
-        imax = torch.empty(B, H, Nq, dtype=torch.int32, device=dev) if range_grad else idx_dummy
-        ex = _Extras(inp, bias, dummy)
-        seed = draw_seed(inp.generator) if inp.dropout_p > 0 else None
-        drop, has_drop = _dropout_args(inp.dropout_p, seed)
-        kernel, opts = _kernel("fwd", max(_block_dim(D), _block_dim(Dv)), q.dtype)
-        kernel[_grid(Nq, "BLOCK_M", B * H)](
-            q, k, v, out, lse, ra, rb, imin, imax, *ex.args,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ex.strides,
-            H, H // Hkv, Nq, Nk, D, Dv, inp.scale, inp.eps, _n_bucket(Nq, Nk), *drop,
-            NORMALIZE=norm, RANGE_GRAD=range_grad, HAS_DROPOUT=has_drop, DOT_PREC=_dot_prec(q.dtype),
-            BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv), **ex.flags, **opts,
-        )
-        ctx.save_for_backward(q, k, v, bias, out, lse, ra if norm else None, rb if norm else None,
-                              imin if range_grad else None, imax if range_grad else None)
-        ctx.inp = inp
-        ctx.seed = seed
-        ctx.range_grad = range_grad
-        return out if out.dtype == q.dtype else out.to(q.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, bias, out, lse, ra, rb, imin, imax = ctx.saved_tensors
-        inp: AttentionInputs = ctx.inp
-        B, H, Nq, D = q.shape
-        Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-        G = H // Hkv
-        dev = q.device
-        norm = inp.normalize
-        need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
-        need_bias = bool(need_bias and bias is not None)
-        do = grad_out
-        dof = do.float()
-        delta = (dof * out).sum(dim=-1)  # (B, H, Nq): Delta = g . o, with o in float32
-        dummy = torch.empty(1, dtype=torch.float32, device=dev)
-        if norm:
-            rc = torch.where(torch.isinf(lse), torch.zeros_like(lse), 1.0 / (rb - ra + inp.eps))
-        else:
-            ra = rb = rc = dummy
-        range_grad = ctx.range_grad
-        if not range_grad:
-            imin = imax = torch.empty(1, dtype=torch.int32, device=dev)
-        ex = _Extras(inp, bias, dummy)
-        drop, has_drop = _dropout_args(inp.dropout_p, ctx.seed)
-        common = dict(DOT_PREC=_dot_prec(q.dtype), BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(Dv), NORMALIZE=norm,
-                      RANGE_GRAD=range_grad, HAS_DROPOUT=has_drop, **ex.flags)
-        bd = max(_block_dim(D), _block_dim(Dv))
-        bucket = _n_bucket(Nq, Nk)
-
-        dq = dk = dv = dbias = None
-        row_a = row_b = dummy
-        if need_q or range_grad:  # the dq kernel also computes the row sums of the range correction
-            dq = torch.empty(B, H, Nq, D, dtype=torch.float32, device=dev)
-            if range_grad:
-                row_a = torch.empty_like(lse)
-                row_b = torch.empty_like(lse)
-            kernel, opts = _kernel("dq", bd, q.dtype)
-            kernel[_grid(Nq, "BLOCK_M", B * H)](
-                q, k, v, do, lse, delta, ra, rb, rc, imin, imax, row_a, row_b, dq, *ex.args,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ex.strides,
-                H, G, Nq, Nk, D, Dv, inp.scale, inp.eps, bucket, *drop, **common, **opts,
-            )
-            if not need_q:
-                dq = None
-        if need_k or need_v or need_bias:
-            dk = torch.empty(B, Hkv, Nk, D, dtype=torch.float32, device=dev)
-            dv = torch.empty(B, Hkv, Nk, Dv, dtype=torch.float32, device=dev)
-            if need_bias:
-                dbias = torch.zeros(bias.shape, dtype=torch.float32, device=dev)
-                sdb = _strides4(dbias)
-                bm = bias.shape[2] == 1 and Nq > 1
-                bn = bias.shape[3] == 1 and Nk > 1
-                batomic = (bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1)
-            else:
-                sdb, bm, bn, batomic = (0, 0, 0, 0), False, False, False
-            kernel, opts = _kernel("dkdv", bd, q.dtype)
-            kernel[_grid(Nk, "BLOCK_N", B * Hkv)](
-                q, k, v, do, lse, delta, ra, rb, rc, imin, imax, dk, dv, dummy if dbias is None else dbias, *ex.args,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *sdb, *ex.strides,
-                H, Hkv, G, Nq, Nk, D, Dv, inp.scale, inp.eps, bucket, *drop,
-                BIAS_GRAD=need_bias, DB_BCAST_M=bm, DB_BCAST_N=bn, DB_ATOMIC=batomic, **common, **opts,
-            )
-        if range_grad:
-            _range_correction(inp, q, k, delta, ra, rb, rc, row_a, row_b, imin, imax, dq, dk, dbias)
-        return (
-            dq.to(q.dtype) if need_q else None,
-            dk.to(k.dtype) if need_k else None,
-            dv.to(v.dtype) if need_v else None,
-            dbias.to(bias.dtype) if need_bias else None,
-            None,
-            None,
-        )
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _range_correction(
-    inp: AttentionInputs, q: Tensor, k: Tensor, delta: Tensor, ra: Tensor, rb: Tensor, rc: Tensor,
-    row_a: Tensor, row_b: Tensor, imin: Tensor, imax: Tensor, dq: Tensor | None, dk: Tensor | None,
-    dbias: Tensor | None,
-) -> None:
-    """Add the gradient through the row range (normalized form, range not detached), in place, O(N D).
+def _empty(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty(0, dtype=t.dtype if dtype is None else dtype, device=t.device)
 
-    ``docs/contract.md``: ``dL/da = c (Delta - Delta0)`` goes to the arg-min key when ``min s < 0`` and
-    ``dL/db = -c Delta`` to the arg-max key when ``max s > 0``. The kernels already left out of ``ds`` the part of the
-    factor at those keys that these terms cancel exactly, so what is added here is ``c (Delta - sum_{j != argmin}
-    p_j dP_j)`` and ``-c sum_{j != argmax} w_j dP_j`` (the row sums ``row_a``, ``row_b`` come from the dq kernel).
-    Each enters ``ds`` at one key per row: ``dq_i += scale t k_j``, ``dk_j += scale t q_i``, ``dbias[i, j] += t``."""
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the operators
+
+_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? keep, Tensor? mask_add, Tensor? bias, Tensor? slopes, Tensor? seed, "
+    "bool is_causal, float scale, bool normalize, bool range_grad, float eps, float dropout_p, bool need_grad, "
+    "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor out_lo, Tensor rowm, Tensor rowl, "
+    "Tensor ra, Tensor rb, Tensor rc, Tensor imin, Tensor imax, Tensor? keep, Tensor? mask_add, Tensor? bias, "
+    "Tensor? slopes, Tensor? seed, bool is_causal, float scale, bool normalize, bool range_grad, float eps, "
+    "float dropout_p, bool need_dq, bool need_dk, bool need_dv, bool need_dbias, bool deterministic) -> "
+    "(Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _write_lo(q: Tensor, need_grad: bool) -> bool:
+    # half inputs that need a gradient: the forward also writes the output's rounding residual, so that the
+    # backward's Delta = g . o is as accurate as with a float32 output (the SA factor amplifies its error)
+    return need_grad and q.dtype != torch.float32
+
+
+def _fwd_shapes(q, k, v, normalize, range_grad, need_grad):
+    B, H, Nq, _ = q.shape
+    Dv = v.shape[3]
+    return (
+        (B, H, Nq, Dv),
+        (B, H, Nq, Dv) if _write_lo(q, need_grad) else (0,),
+        (B, H, Nq),
+        (B, H, Nq) if normalize else (0,),
+        (B, H, Nq) if range_grad else (0,),
+    )
+
+
+@torch.library.custom_op("sasoftmax::triton_sa_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _fwd_op(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, normalize, range_grad, eps, dropout_p,
+            need_grad, deterministic):
     B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dev = q.device
+    s_out, s_lo, s_row, s_norm, s_idx = _fwd_shapes(q, k, v, normalize, range_grad, need_grad)
+    out = torch.empty(s_out, dtype=q.dtype, device=dev)
+    write_lo = _write_lo(q, need_grad)
+    out_lo = torch.empty(s_lo, dtype=q.dtype, device=dev)
+    rowm, rowl = (torch.empty(s_row, dtype=torch.float32, device=dev) for _ in range(2))
+    ra, rb, rc = (torch.empty(s_norm, dtype=torch.float32, device=dev) for _ in range(3))
+    imin, imax = (torch.empty(s_idx, dtype=torch.int32, device=dev) for _ in range(2))
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    ex_args, ex_strides, ex_flags = _extras(keep, mask_add, bias, slopes, dummy)
+    bd = max(block_dim(D), block_dim(Dv))
+    with _device_guard(q):
+        _launch("fwd", _tk.sa_fwd, Nq, B * H, bd, q.dtype, [
+            q, k, v, out, out if not write_lo else out_lo, rowm, rowl, ra if normalize else dummy,
+            rb if normalize else dummy, rc if normalize else dummy, imin if range_grad else dummy,
+            imax if range_grad else dummy, *ex_args, dummy if seed is None else seed,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ex_strides,
+            H, H // Hkv, Nq, Nk, D, Dv, scale, eps, _n_bucket(Nq, Nk), *_dropout_args(dropout_p),
+        ], dict(IS_CAUSAL=is_causal, NORMALIZE=normalize, RANGE_GRAD=range_grad, HAS_DROPOUT=seed is not None,
+                WRITE_LO=write_lo, DOT_PREC=_dot_prec(q.dtype), BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv),
+                **ex_flags))
+    return out, out_lo, rowm, rowl, ra, rb, rc, imin, imax
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, normalize, range_grad, eps, dropout_p,
+              need_grad, deterministic):
+    s_out, s_lo, s_row, s_norm, s_idx = _fwd_shapes(q, k, v, normalize, range_grad, need_grad)
+    f32, i32 = torch.float32, torch.int32
+    return (q.new_empty(s_out), q.new_empty(s_lo), q.new_empty(s_row, dtype=f32), q.new_empty(s_row, dtype=f32),
+            q.new_empty(s_norm, dtype=f32),
+            q.new_empty(s_norm, dtype=f32), q.new_empty(s_norm, dtype=f32), q.new_empty(s_idx, dtype=i32),
+            q.new_empty(s_idx, dtype=i32))
+
+
+def _bias_grad_layout(bias: Tensor, B: int, H: int, Nq: int, Nk: int, n_blk: int, det: bool, dev: torch.device):
+    """The float32 buffer the key/value kernel writes the bias gradient to, its strides and flags.
+
+    Fast path: the bias' own shape (stride 0 on broadcast dims), atomics where programs share an element.
+    Deterministic path: per-(batch, head) partials (and per key block for a bias broadcast over the keys), written
+    without atomics and summed afterwards by :func:`_bias_grad_finish`."""
+    bm = bias.shape[2] == 1 and Nq > 1  # broadcast over the query rows: summed over them
+    bn = bias.shape[3] == 1 and Nk > 1  # broadcast over the keys
+    if det:
+        buf = torch.zeros(B, H, 1 if bias.shape[2] == 1 else Nq, n_blk if bn else (1 if bias.shape[3] == 1 else Nk),
+                          dtype=torch.float32, device=dev)
+        return buf, list(buf.stride()), bm, bn, False
+    buf = torch.zeros(bias.shape, dtype=torch.float32, device=dev)
+    atomic = (bias.shape[0] == 1 and B > 1) or (bias.shape[1] == 1 and H > 1) or bn
+    return buf, list(_strides4(buf)), bm, bn, atomic
+
+
+def _bias_grad_finish(buf: Tensor, bias: Tensor, det: bool) -> Tensor:
+    if det:
+        dims = [d for d in range(4) if bias.shape[d] == 1 and buf.shape[d] != 1]
+        if dims:
+            buf = buf.sum(dim=dims, keepdim=True)
+    return buf.to(bias.dtype)
+
+
+@torch.library.custom_op("sasoftmax::triton_sa_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _bwd_op(grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
+            is_causal, scale, normalize, range_grad, eps, dropout_p, need_dq, need_dk, need_dv, need_dbias,
+            deterministic):
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hkv
     dev = q.device
-    da = torch.where(ra < 0, rc * (delta - row_a), torch.zeros_like(delta))
-    db = torch.where(rb > 0, -rc * row_b, torch.zeros_like(delta))
-    # flat row index of key (b, h // G, j) in k viewed as (B * Hkv * Nk, D)
-    bidx = torch.arange(B, device=dev).view(B, 1, 1)
-    hidx = torch.arange(H, device=dev).view(1, H, 1)
-    kv_row = (bidx * Hkv + hidx // G) * Nk  # (B, H, 1)
-    qf = q.float()
-    kflat = k.float().reshape(B * Hkv * Nk, D)
-    dk_flat = None if dk is None else dk.view(B * Hkv * Nk, D)
-    if dbias is not None:
-        sb = _strides4(dbias)
-        irow = torch.arange(Nq, device=dev).view(1, 1, Nq)
-        bias_row = bidx * sb[0] + hidx * sb[1] + irow * sb[2]  # (B, H, Nq)
-    for coef, idx in ((da, imin), (db, imax)):
-        idx = idx.long()
-        flat = (kv_row + idx).reshape(-1)
-        if dq is not None:
-            dq.add_(inp.scale * coef[..., None] * kflat.index_select(0, flat).view(B, H, Nq, D))
-        if dk_flat is not None:
-            dk_flat.index_add_(0, flat, (inp.scale * coef[..., None] * qf).reshape(-1, D))
-        if dbias is not None:
-            dbias.view(-1).index_add_(0, (bias_row + idx * sb[3]).reshape(-1), coef.reshape(-1))
+    f32 = torch.float32
+    if not _offsets_fit(grad_out):
+        grad_out = grad_out.contiguous()
+    dummy = torch.empty(1, dtype=f32, device=dev)
+    if not normalize:
+        ra = rb = rc = dummy
+    if not range_grad:
+        imin = imax = torch.empty(1, dtype=torch.int32, device=dev)
+    need_bias = need_dbias and bias is not None
+    need_kv = need_dk or need_dv or need_bias
+    det = deterministic
+    ex_args, ex_strides, ex_flags = _extras(keep, mask_add, bias, slopes, dummy)
+    seed_arg = dummy if seed is None else seed
+    drop = _dropout_args(dropout_p)
+    bd = max(block_dim(D), block_dim(Dv))
+    prec = _dot_prec(q.dtype)
+    common = dict(IS_CAUSAL=is_causal, NORMALIZE=normalize, RANGE_GRAD=range_grad, HAS_DROPOUT=seed is not None,
+                  DOT_PREC=prec, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), **ex_flags)
+    bucket = _n_bucket(Nq, Nk)
+    rows = B * H * Nq
+
+    delta = torch.empty(B, H, Nq, dtype=f32, device=dev)
+    fast_dq = need_dq and not det
+    dq_acc = torch.empty(B, H, Nq, D, dtype=f32, device=dev) if fast_dq else dummy
+    row_a = torch.empty(rows, dtype=f32, device=dev) if range_grad and not det else dummy
+    row_b = torch.empty(rows, dtype=f32, device=dev) if range_grad and not det else dummy
+    da = torch.empty(rows, dtype=f32, device=dev) if range_grad and det else dummy
+    db = torch.empty(rows, dtype=f32, device=dev) if range_grad and det else dummy
+    dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=dev) if need_dq else _empty(q)
+    # the fast path adds the range correction to dk by atomics, which need a float32 dk
+    dk_dtype = f32 if range_grad and not det and need_dk else k.dtype
+    dk = torch.empty(B, Hkv, Nk, D, dtype=dk_dtype, device=dev) if need_kv else _empty(k)
+    dv = torch.empty(B, Hkv, Nk, Dv, dtype=v.dtype, device=dev) if need_kv else _empty(v)
+    kv_kind = "kv_det" if det else "kv"
+    if need_bias:
+        n_blk = -(-Nk // (_INTERPRET_BLOCK if INTERPRET else gpu_config(kv_kind, bd, q.dtype)[1]))
+        dbuf, sdb, db_bm, db_bn, db_atomic = _bias_grad_layout(bias, B, H, Nq, Nk, n_blk, det, dev)
+    else:
+        dbuf, sdb, db_bm, db_bn, db_atomic = dummy, [0, 0, 0, 0], False, False, False
+
+    with _device_guard(q):
+        _run("pre", _tk.sa_bwd_pre, launch_grid(Nq, _row_opts()["BLOCK_M"], B * H), [
+            out, out_lo if out_lo.numel() else out, grad_out, delta, dq_acc, row_a, row_b,
+            *out.stride(), *grad_out.stride(), H, Nq, D, Dv,
+        ], dict(HAS_LO=out_lo.numel() > 0, ZERO_DQ=fast_dq, ZERO_ROWS=range_grad and not det,
+                BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), **_row_opts()))
+        if det and (need_dq or (range_grad and need_kv)):
+            _launch("dq", _tk.sa_bwd_dq, Nq, B * H, bd, q.dtype, [
+                q, k, v, grad_out, rowm, rowl, delta, ra, rb, rc, imin, imax, da, db, dq if need_dq else dummy,
+                *ex_args, seed_arg,
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
+                *(dq.stride() if need_dq else (0, 0, 0, 0)), *ex_strides,
+                H, G, Nq, Nk, D, Dv, scale, eps, bucket, *drop,
+            ], dict(common, NEED_DQ=need_dq))
+        if need_kv or fast_dq:
+            _launch(kv_kind, _tk.sa_bwd_kv, Nk, B * Hkv, bd, q.dtype, [
+                q, k, v, grad_out, rowm, rowl, delta, ra, rb, rc, imin, imax, da, db, row_a, row_b, dq_acc,
+                dk if need_kv else dummy, dv if need_kv else dummy, dbuf, *ex_args, seed_arg,
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
+                *(dk.stride() if need_kv else (0, 0, 0, 0)), *(dv.stride() if need_kv else (0, 0, 0, 0)), *sdb,
+                *ex_strides, H, Hkv, G, Nq, Nk, D, Dv, scale, eps, bucket, *drop,
+            ], dict(common, BIAS_GRAD=need_bias, DB_BCAST_M=db_bm, DB_BCAST_N=db_bn, DB_ATOMIC=db_atomic,
+                    ATOMIC_DQ=not det, NEED_DQ=fast_dq))
+        if not det and (fast_dq or (range_grad and (need_dk or need_bias))):
+            _run("post", _tk.sa_bwd_post, launch_grid(Nq, _row_opts()["BLOCK_M"], B * H), [
+                q, k, dq_acc, dq if need_dq else dummy, dk if need_kv else dummy, dbuf, delta, ra, rb, rc, imin,
+                imax, row_a, row_b,
+                *q.stride(), *k.stride(), *(dq.stride() if need_dq else (0, 0, 0, 0)),
+                *(dk.stride() if need_kv else (0, 0, 0, 0)), *sdb, H, G, Nq, D, scale,
+            ], dict(RANGE_GRAD=range_grad, NEED_DQ=need_dq, NEED_DK=need_dk and range_grad, BIAS_GRAD=need_bias,
+                    BLOCK_D=block_dim(D), **_row_opts()))
+    if need_kv and dk.dtype != k.dtype:
+        dk = dk.to(k.dtype)
+    dbias = _bias_grad_finish(dbuf, bias, det) if need_bias else _empty(q)
+    return dq, dk if need_dk else _empty(k), dv if need_dv else _empty(v), dbias
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
+              is_causal, scale, normalize, range_grad, eps, dropout_p, need_dq, need_dk, need_dv, need_dbias,
+              deterministic):
+    return (q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if need_dk else (0,)),
+            v.new_empty(v.shape if need_dv else (0,)),
+            q.new_empty(bias.shape if need_dbias and bias is not None else (0,),
+                        dtype=bias.dtype if bias is not None else q.dtype))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, normalize, range_grad, eps, dropout_p,
+     need_grad, det) = inputs
+    out, out_lo, rowm, rowl, ra, rb, rc, imin, imax = output
+    ctx.save_for_backward(q, k, v, keep, mask_add, bias, slopes, seed, out, out_lo, rowm, rowl, ra, rb, rc, imin,
+                          imax)
+    ctx.flags = (is_causal, scale, normalize, range_grad, eps, dropout_p, det)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out, *_unused):
+    q, k, v, keep, mask_add, bias, slopes, seed, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax = ctx.saved_tensors
+    is_causal, scale, normalize, range_grad, eps, dropout_p, det = ctx.flags
+    need = ctx.needs_input_grad
+    need_db = bool(need[5]) and ctx.has_bias
+    dq, dk, dv, dbias = torch.ops.sasoftmax.triton_sa_bwd(
+        grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
+        is_causal, scale, normalize, range_grad, eps, dropout_p, bool(need[0]), bool(need[1]), bool(need[2]),
+        need_db, det,
+    )
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None,
+            dbias if need_db else None, None, None, None, None, None, None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def _seed_tensor(inp: AttentionInputs) -> Tensor:
+    """The dropout seed as a one-element int64 tensor on the input's device, drawn exactly like
+    :func:`sasoftmax.attention.dropout.draw_seed` (same generator, same value), but without ``.item()``: no host
+    synchronization, and traceable."""
+    gen = inp.generator
+    if gen is not None and gen.device.type != "cpu":
+        seed = torch.randint(0, 2**62, (1,), generator=gen, device=gen.device)
+    else:
+        seed = torch.randint(0, 2**62, (1,), generator=gen)
+    return seed.to(inp.q.device)
 
 
 def triton_attention(inp: AttentionInputs) -> Tensor:
@@ -397,13 +555,21 @@ def triton_attention(inp: AttentionInputs) -> Tensor:
     reason = unsupported_reason(inp)
     if reason is not None:
         raise ValueError(f"the Triton SA kernel cannot run this call: {reason}")
-    q, k, v, bias = inp.q, inp.k, inp.v, inp.bias
+    q, k, v = inp.q, inp.k, inp.v
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or q.shape[2] == 0 or k.shape[2] == 0:
         shape = (inp.batch, inp.heads, inp.nq, v.shape[-1])
         zeros = q.new_zeros(shape)
         # keep the graph connected so that .backward() works and yields zero gradients
         return zeros + 0.0 * (q.sum() + k.sum() + v.sum())
-    need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, bias)
-    )
-    return _TritonSA.apply(q, k, v, bias, inp, need_grad)
+    return torch.ops.sasoftmax.triton_sa_fwd(*fwd_op_args(inp))[0]
+
+
+def fwd_op_args(inp: AttentionInputs) -> tuple:
+    """The arguments of ``sasoftmax::triton_sa_fwd`` for a call (whether gradients are needed is read from the
+    inputs and the grad mode; the dropout seed is drawn here)."""
+    q, k, v, bias = inp.q, inp.k, inp.v, inp.bias
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    range_grad = inp.normalize and not inp.detach_range and need_grad
+    seed = _seed_tensor(inp) if inp.dropout_p > 0 else None
+    return (q, k, v, inp.keep, inp.mask_add, bias, inp.alibi_slopes, seed, inp.is_causal, inp.scale, inp.normalize,
+            range_grad, inp.eps, inp.dropout_p, need_grad, deterministic())

@@ -1,26 +1,38 @@
 """Triton kernels of the fused SA attention (FlashAttention-2 structure, ``docs/contract.md`` section 3).
 
-This module needs ``triton`` and is imported lazily by :mod:`sasoftmax.attention.triton_backend`. Whether the kernels
-run on the GPU or under the Triton interpreter is decided when this module is imported: ``TRITON_INTERPRET=1`` must
-be set in the environment before that (``INTERPRET`` records what was seen).
+This module needs ``triton`` and is imported by :mod:`sasoftmax.attention.triton_backend`. Whether the kernels run
+on the GPU or under the Triton interpreter is decided when this module is imported: ``TRITON_INTERPRET=1`` must be
+set in the environment before that (``INTERPRET`` records what was seen).
 
-Kernels (``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``G = H // Hkv``):
+Kernels (``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``G = H // Hkv``). Every grid is one-dimensional
+(axis 0 holds ``blocks x (batch, head)``, so no launch ever meets CUDA's 65535 limit of axes 1 and 2); a program
+splits its id into the block and the (batch, head) it works on. Matrix products per inner-loop iteration are in
+brackets.
 
-* ``sa_fwd``: one program per (block of ``BLOCK_M`` query rows, batch * query head); streams over key blocks with an
-  online softmax (running max ``m``, running sum ``l``) and the SA accumulators ``acc1 = sum (s e) v`` and, for the
-  normalized form, ``acc0 = sum e v`` and a running minimum. Writes the output and per-row statistics.
-* ``sa_bwd_dkdv``: one program per (block of ``BLOCK_N`` keys, batch * key/value head); loops over the ``G`` query
-  heads of its group and over the query blocks, recomputing scores; accumulates ``dk``, ``dv`` and writes (or, for a
-  broadcast bias, atomically adds) the bias gradient.
-* ``sa_bwd_dq``: one program per (block of query rows, batch * query head); accumulates ``dq`` and, when the range
-  of the normalized form is differentiated, the two row sums of the sparse range correction (see ``_ds_tile``).
-
-Each kernel splits its loop: tiles whose keys are all in range and (causal) visible to every row run a ``FULL``
-variant of the tile function without masking; only the boundary tiles compute masks. ``N_BUCKET`` is not used by the
-kernels; it is the power-of-two length bucket that keys the optional autotuning.
+* ``sa_fwd``: one program per (block of ``BLOCK_M`` query rows, batch * query head).
+  Plain form, one pass [2]: FlashAttention-2 with ``s e`` in place of ``e`` (``acc += (s e) V``, rescaled when the
+  running max grows). Normalized form, two passes over the key blocks: pass 1 [1] computes the row statistics (running
+  max ``m``, sum ``l``, minimum and, for the range gradient, the arg-min/arg-max key); pass 2 [2] computes the exact
+  weights ``w = (s - a) c exp(s - m) / l`` and one accumulator ``acc += w V`` (no rescaling, no cancellation: the
+  arg-min key's weight is exactly 0). Exponentials are ``exp2`` with ``log2 e`` folded into the max subtraction.
+  Writes the output in the input dtype (and, for half inputs that need a gradient, the rounding residual
+  ``o - round(o)`` so that the backward's ``Delta`` is accurate) and per row ``m log2 e``, ``1 / l``, ``a``, ``b``,
+  ``c`` (and the arg-min/arg-max key).
+* ``sa_bwd_pre``: ``Delta = rowsum(dO * O)`` in float32; zeroes the ``dq`` accumulator (fast path).
+* ``sa_bwd_kv``: one program per (block of ``BLOCK_N`` keys, batch * key/value head), looping over the ``G`` query
+  heads of its group and the query blocks; computes ``K Q^T`` directly (tiles are ``(BLOCK_N, BLOCK_M)``), ``dk``,
+  ``dv`` in registers and, on the fast path, adds ``dq`` with atomics [5: K Q^T, V dO^T, dv, dk, dq]; on the
+  deterministic path [4] ``dq`` comes from ``sa_bwd_dq`` and the range terms are added to the ``ds`` tile in place.
+* ``sa_bwd_dq`` (deterministic path): one program per query block [3: Q K^T, dO V^T, dq]; computes the exact row sums
+  of the range correction, and in its epilogue gathers the arg-min/arg-max key rows for ``dq``.
+* ``sa_bwd_post`` (fast path): ``dq = scale * acc`` in the input dtype; with the range gradient, the sparse
+  correction: ``dq`` gathers the arg-min/arg-max key rows, ``dk`` and the bias gradient get them by atomics.
 
 Scores ``s = scale * q.k + float-mask + bias + ALiBi`` are computed in float32; masked keys (causal, bool mask,
 masked float-mask entries, out-of-range positions) take no part in the softmax or the min/max and get weight 0.
+Each loop is split: tiles whose keys are all in range and (causal) visible to every row run a ``FULL`` variant
+without masking; only the boundary tiles compute masks. ``N_BUCKET`` is not used by the kernels; it is the
+power-of-two length bucket that keys the optional autotuning.
 """
 
 from __future__ import annotations
@@ -32,10 +44,15 @@ import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Dropout arguments (seed halves and keep threshold) are passed as ``value | 2**32`` so that Triton always types them
-# as int64 (it types an int by its value, and a changing seed would otherwise compile new variants); the kernels keep
-# the low 32 bits. They are also excluded from value specialization.
-_DROPOUT_ARGS = ["seed_lo", "seed_hi", "drop_thr"]
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+# The dropout threshold is passed as ``value | 2**32`` so that Triton always types it int64 (it types an int by its
+# value); it is also excluded from value specialization. The seed is read from a tensor (no host round trip).
+_DROPOUT_ARGS = ["drop_thr"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# shared pieces
 
 
 @triton.jit
@@ -49,22 +66,34 @@ def _fmix32(h):
 
 
 @triton.jit
-def _dropout_keep(offs_m, offs_n, row_base, Nk, seed_lo, seed_hi, drop_thr):
-    """Keep decisions ``(BLOCK_M, BLOCK_N)`` of the scores at rows ``offs_m`` and keys ``offs_n`` of one (batch,
-    head); ``row_base = (b * H + h) * Nq``. The same counter-based hash as the PyTorch backends: the score's flat index
-    ``((b H + h) Nq + i) Nk + j`` is split into 32-bit halves and mixed with the seed, so every backend and block size
-    drops exactly the same entries and the backward regenerates the forward's mask."""
-    idx = (row_base + offs_m.to(tl.int64))[:, None] * Nk + offs_n[None, :]
+def _load_seed(Seed, HAS_DROPOUT: tl.constexpr):
+    """The two 32-bit halves of the 62-bit dropout seed stored in ``Seed[0]`` (zeros without dropout)."""
+    lo = tl.zeros([], dtype=tl.uint32)
+    hi = tl.zeros([], dtype=tl.uint32)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+        hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return lo, hi
+
+
+@triton.jit
+def _dropout_keep(rows, cols, Nk, seed_lo, seed_hi, drop_thr):
+    """Keep decisions of the scores at flat rows ``rows`` (int64, ``(b H + h) Nq + i``) and keys ``cols``, two
+    broadcastable 2-d index arrays. The same counter-based hash as the PyTorch backends: the score's flat index
+    ``rows * Nk + j`` is split into 32-bit halves and mixed with the seed, so every backend, block size and tile
+    orientation drops exactly the same entries and the backward regenerates the forward's mask."""
+    idx = rows * Nk + cols
     lo = idx.to(tl.uint32)  # truncation keeps the low 32 bits
     hi = (idx >> 32).to(tl.uint32)
-    h = _fmix32(lo ^ seed_lo.to(tl.uint32))
-    h = _fmix32(h ^ hi ^ seed_hi.to(tl.uint32))
+    h = _fmix32(lo ^ seed_lo)
+    h = _fmix32(h ^ hi ^ seed_hi)
     return h >= drop_thr.to(tl.uint32)
 
 
 @triton.jit
 def _scores(
-    qk, offs_m, offs_n, off_b, off_h, Nq, Nk, scale,
+    qk, rm, cn, off_b, off_h, Nq, Nk, scale,
     Keep, skp_b, skp_h, skp_m, skp_n,
     MaskAdd, sma_b, sma_h, sma_m, sma_n,
     Bias, sbi_b, sbi_h, sbi_m, sbi_n,
@@ -72,260 +101,75 @@ def _scores(
     IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr, FULL: tl.constexpr,
 ):
-    """Scores (float32, ``(BLOCK_M, BLOCK_N)``) of a tile and its visibility (True = the key takes part).
+    """Scores (float32, the shape of ``qk``) of a tile and its visibility (True = the key takes part). ``rm`` and
+    ``cn`` are the query-row and key indices as broadcastable 2-d arrays (``(M, 1)``/``(1, N)`` for a ``Q K^T`` tile,
+    ``(1, M)``/``(N, 1)`` for a ``K Q^T`` tile).
 
     ``FULL``: the caller guarantees that every key of the tile is in range and (causal) visible to every row of the
-    tile, so only the row range (for safe loads) and a bool mask remain; ``vis`` may then be ``(BLOCK_M, 1)``."""
+    tile, so only the row range (for safe loads) and a bool mask remain; ``vis`` may then have the shape of ``rm``.
+    Scores are finite everywhere (masked loads read 0), so ``0 * s`` is always 0."""
     s = qk * scale
-    in_m = offs_m[:, None] < Nq
+    in_m = rm < Nq
     if FULL:
         inb = in_m
         vis = in_m
     else:
-        inb = in_m & (offs_n[None, :] < Nk)
+        inb = in_m & (cn < Nk)
         vis = inb
         if IS_CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
+            vis = vis & (cn <= rm + (Nk - Nq))
     if HAS_KEEP:
-        kp = tl.load(Keep + off_b * skp_b + off_h * skp_h + offs_m[:, None] * skp_m + offs_n[None, :] * skp_n,
-                     mask=inb, other=0)
+        kp = tl.load(Keep + off_b * skp_b + off_h * skp_h + rm * skp_m + cn * skp_n, mask=inb, other=0)
         vis = vis & (kp != 0)
     if HAS_MADD:
-        s += tl.load(MaskAdd + off_b * sma_b + off_h * sma_h + offs_m[:, None] * sma_m + offs_n[None, :] * sma_n,
+        s += tl.load(MaskAdd + off_b * sma_b + off_h * sma_h + rm * sma_m + cn * sma_n,
                      mask=inb, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        s += tl.load(Bias + off_b * sbi_b + off_h * sbi_h + offs_m[:, None] * sbi_m + offs_n[None, :] * sbi_n,
+        s += tl.load(Bias + off_b * sbi_b + off_h * sbi_h + rm * sbi_m + cn * sbi_n,
                      mask=inb, other=0.0).to(tl.float32)
     if HAS_ALIBI:
         slope = tl.load(Slopes + off_b * ssl_b + off_h * ssl_h).to(tl.float32)
-        dist = tl.abs(offs_m[:, None] + (Nk - Nq) - offs_n[None, :]).to(tl.float32)
-        s += -slope * dist
+        s += -slope * tl.abs(rm + (Nk - Nq) - cn).to(tl.float32)
     return s, vis
 
 
 @triton.jit
-def _fwd_tile(
-    q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
-    off_b, off_h, Nq, Nk, scale,
-    Keep, skp_b, skp_h, skp_m, skp_n,
-    MaskAdd, sma_b, sma_h, sma_m, sma_n,
-    Bias, sbi_b, sbi_h, sbi_m, sbi_n,
-    Slopes, ssl_b, ssl_h,
-    m_i, mn_i, l_i, acc1, acc0, i_max, i_min, row_base, seed_lo, seed_hi, drop_thr,
-    IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
-    HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, FULL: tl.constexpr,
-):
-    """One key block of the forward: update the online-softmax state and the SA accumulators. Dropout zeroes the
-    dropped entries of what multiplies ``V`` (not of the softmax sum); the caller applies ``1 / (1 - p)``."""
-    offs_n = start_n + offs_n0
-    kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d,
-                 mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
-    qk = tl.dot(q, kt, input_precision=DOT_PREC)
-    s, vis = _scores(
-        qk, offs_m, offs_n, off_b, off_h, Nq, Nk, scale,
-        Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, FULL,
-    )
-    if FULL and not HAS_KEEP:  # every key visible (rows past Nq are never stored)
-        s_ninf = s
-        s_pinf = s
-        s_zero = s
-    else:
-        s_ninf = tl.where(vis, s, float("-inf"))
-        s_pinf = tl.where(vis, s, float("inf"))
-        s_zero = tl.where(vis, s, 0.0)
-    b_max = tl.max(s_ninf, 1)
-    if RANGE_GRAD:
-        a_max = tl.argmax(s_ninf, 1).to(tl.int32) + start_n
-        i_max = tl.where(b_max > m_i, a_max, i_max)
-    if NORMALIZE:
-        b_min = tl.min(s_pinf, 1)
-        if RANGE_GRAD:
-            a_min = tl.argmin(s_pinf, 1).to(tl.int32) + start_n
-            i_min = tl.where(b_min < mn_i, a_min, i_min)
-        mn_i = tl.minimum(mn_i, b_min)
-    m_new = tl.maximum(m_i, b_max)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    e = tl.exp(s_ninf - m_safe[:, None])  # masked -> 0
-    l_i = l_i * alpha + tl.sum(e, 1)
-    v = tl.load(v_base + offs_n[:, None] * sv_n + offs_dv[None, :] * sv_d,
-                mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < DV), other=0.0)
-    pv1 = s_zero * e
-    pv0 = e
-    if HAS_DROPOUT:
-        keep = _dropout_keep(offs_m, offs_n, row_base, Nk, seed_lo, seed_hi, drop_thr)
-        pv1 = tl.where(keep, pv1, 0.0)
-        pv0 = tl.where(keep, pv0, 0.0)
-    acc1 = acc1 * alpha[:, None] + tl.dot(pv1.to(v.dtype), v, input_precision=DOT_PREC)
-    if NORMALIZE:
-        acc0 = acc0 * alpha[:, None] + tl.dot(pv0.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, mn_i, l_i, acc1, acc0, i_max, i_min
+def _split_pid(pid, n_rows, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """``(block index, batch-head index)`` of a program of a one-dimensional grid of ``cdiv(n_rows, BLOCK)`` blocks
+    per (batch, head). ``REVERSE`` hands the last (for causal attention the heaviest) blocks out first."""
+    n_blk = tl.cdiv(n_rows, BLOCK)
+    pid_bh = pid // n_blk
+    pid_blk = pid % n_blk
+    if REVERSE:
+        pid_blk = n_blk - 1 - pid_blk
+    return pid_blk, pid_bh
 
 
-@triton.jit(do_not_specialize=_DROPOUT_ARGS)
-def sa_fwd(
-    Q, K, V, Out, Lse, RangeA, RangeB, IdxMin, IdxMax,
-    Keep, MaskAdd, Bias, Slopes,
-    sq_b, sq_h, sq_m, sq_d,
-    sk_b, sk_h, sk_n, sk_d,
-    sv_b, sv_h, sv_n, sv_d,
-    so_b, so_h, so_m, so_d,
-    skp_b, skp_h, skp_m, skp_n,
-    sma_b, sma_h, sma_m, sma_n,
-    sbi_b, sbi_h, sbi_m, sbi_n,
-    ssl_b, ssl_h,
-    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, seed_lo, seed_hi, drop_thr, drop_scale,
-    IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
-    HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hkv = off_h // G
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_base = pid_bh.to(tl.int64) * Nq
-
-    q_ptrs = Q + off_b * sq_b + off_h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
-    k_base = K + off_b * sk_b + off_hkv * sk_h
-    v_base = V + off_b * sv_b + off_hkv * sv_h
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    mn_i = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    i_max = tl.zeros([BLOCK_M], dtype=tl.int32)
-    i_min = tl.zeros([BLOCK_M], dtype=tl.int32)
-
+@triton.jit
+def _row_range(start_m, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Key range of a query block: keys below ``full_hi`` (a multiple of ``BLOCK_N``) are visible to every row of the
+    block, keys from ``hi`` on to none."""
     if IS_CAUSAL:
         # the last row of the block sees keys up to Nk - Nq + start_m + BLOCK_M - 1, its first row up to
-        # Nk - Nq + start_m: key blocks below the latter are visible to every row (no masking needed)
+        # Nk - Nq + start_m
         hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + Nk - Nq, 0))
         full_hi = tl.minimum(Nk, tl.maximum(start_m + Nk - Nq + 1, 0))
     else:
         hi = Nk
         full_hi = Nk
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_hi, BLOCK_N):
-        m_i, mn_i, l_i, acc1, acc0, i_max, i_min = _fwd_tile(
-            q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
-            off_b, off_h, Nq, Nk, scale,
-            Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-            m_i, mn_i, l_i, acc1, acc0, i_max, i_min, row_base, seed_lo, seed_hi, drop_thr,
-            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, True,
-        )
-    for start_n in range(full_hi, hi, BLOCK_N):
-        m_i, mn_i, l_i, acc1, acc0, i_max, i_min = _fwd_tile(
-            q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
-            off_b, off_h, Nq, Nk, scale,
-            Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-            m_i, mn_i, l_i, acc1, acc0, i_max, i_min, row_base, seed_lo, seed_hi, drop_thr,
-            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, False,
-        )
-
-    empty = l_i == 0.0
-    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
-    row_ok = offs_m < Nq
-    stat = row_base + offs_m
-    if NORMALIZE:
-        a = tl.minimum(mn_i, 0.0)
-        b = tl.maximum(m_i, 0.0)
-        c = tl.where(empty, 0.0, 1.0 / (b - a + eps))
-        o = (acc1 - a[:, None] * acc0) * (c * inv_l)[:, None]
-        tl.store(RangeA + stat, a, mask=row_ok)
-        tl.store(RangeB + stat, b, mask=row_ok)
-        if RANGE_GRAD:
-            tl.store(IdxMin + stat, i_min, mask=row_ok)
-            tl.store(IdxMax + stat, i_max, mask=row_ok)
-    else:
-        o = acc1 * inv_l[:, None]
-    if HAS_DROPOUT:
-        o = o * drop_scale
-    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(Lse + stat, lse, mask=row_ok)
-    o_ptrs = Out + off_b * so_b + off_h * so_h + offs_m[:, None] * so_m + offs_dv[None, :] * so_d
-    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    return full_hi, hi
 
 
 @triton.jit
-def _ds_tile(
-    q, kt, vt, do, lse, delta, ra, rb, rc, i_min, i_max, eps,
-    offs_m, offs_n, off_b, off_h, Nq, Nk, scale,
-    Keep, skp_b, skp_h, skp_m, skp_n,
-    MaskAdd, sma_b, sma_h, sma_m, sma_n,
-    Bias, sbi_b, sbi_h, sbi_m, sbi_n,
-    Slopes, ssl_b, ssl_h,
-    row_base, seed_lo, seed_hi, drop_thr, drop_scale,
-    IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr, HAS_KEEP: tl.constexpr,
-    HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, FULL: tl.constexpr,
-):
-    """Recompute one tile. Returns ``(w, wd, ds, p, dp, at_min, at_max)``: the SA weights ``w``, the weights applied
-    to ``v`` ``wd`` (``w`` after dropout; what multiplies ``dO`` for ``dv``), ``ds = dL/ds`` without the sparse range
-    terms, the softmax ``p``, ``dp = dL/dw = (dO v^T)`` after dropout (all float32 ``(BLOCK_M, BLOCK_N)``, 0 where
-    masked), and where the row's arg-min (if ``a < 0``) / arg-max (if ``b > 0``) key is. With ``RANGE_GRAD`` the
-    factor at those two keys is taken without the part that the range correction cancels exactly (``c`` at the
-    arg-min, ``c (1 - c eps)`` at the arg-max), so that no O(c) terms cancel in floating point: the correction added
-    afterwards is then ``c (Delta - sum_{j != argmin} p dp)`` and ``-c sum_{j != argmax} w dp``."""
-    qk = tl.dot(q, kt, input_precision=DOT_PREC)
-    s, vis = _scores(
-        qk, offs_m, offs_n, off_b, off_h, Nq, Nk, scale,
-        Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, FULL,
-    )
-    if FULL and not HAS_KEEP:  # every key visible; rows past Nq have lse = +inf, so p = 0 there
-        p = tl.exp(s - lse[:, None])
-        s_zero = s
-    else:
-        p = tl.exp(tl.where(vis, s, float("-inf")) - lse[:, None])  # lse = +inf on empty rows -> 0
-        s_zero = tl.where(vis, s, 0.0)
-    dp = tl.dot(do, vt, input_precision=DOT_PREC)
-    if HAS_DROPOUT:
-        keep = _dropout_keep(offs_m, offs_n, row_base, Nk, seed_lo, seed_hi, drop_thr)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
-    at_min = offs_n[None, :] < 0  # all False unless RANGE_GRAD
-    at_max = offs_n[None, :] < 0
-    if NORMALIZE:
-        fac_w = (s_zero - ra[:, None]) * rc[:, None]
-        fac = fac_w + rc[:, None]
-        if RANGE_GRAD:
-            at_min = (offs_n[None, :] == i_min[:, None]) & (ra < 0.0)[:, None]
-            at_max = (offs_n[None, :] == i_max[:, None]) & (rb > 0.0)[:, None]
-            fac = tl.where(at_min, fac_w, fac)
-            fac = tl.where(at_max, fac_w + (rc * rc * eps)[:, None], fac)
-    else:
-        fac_w = s_zero
-        fac = s_zero + 1.0
-    ds = p * (fac * dp - delta[:, None])
-    w = fac_w * p
-    wd = w
-    if HAS_DROPOUT:
-        wd = tl.where(keep, w * drop_scale, 0.0)
-    return w, wd, ds, p, dp, at_min, at_max
-
-
-@triton.jit
-def _row_stats(stat, m_ok, delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, NORMALIZE: tl.constexpr,
-               RANGE_GRAD: tl.constexpr):
-    """Per-row ``a``, ``b``, ``c`` and arg-min/arg-max key of the normalized form (placeholders otherwise)."""
-    ra = delta
-    rb = delta
-    rc = delta
-    i_min = m_ok.to(tl.int32)
+def _row_stats(stat, m_ok, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr, RangeA, RangeB, RangeC, IdxMin,
+               IdxMax):
+    """Per-row ``a``, ``b``, ``c`` and arg-min/arg-max key of the normalized form (zeros otherwise)."""
+    zero = tl.zeros(m_ok.shape, dtype=tl.float32)
+    ra = zero
+    rb = zero
+    rc = zero
+    i_min = tl.zeros(m_ok.shape, dtype=tl.int32)
     i_max = i_min
     if NORMALIZE:
         ra = tl.load(RangeA + stat, mask=m_ok, other=0.0)
@@ -338,64 +182,392 @@ def _row_stats(stat, m_ok, delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, NORMAL
 
 
 @triton.jit
-def _dkdv_tile(
-    Q, q_base, do_base, sq_m, sq_d, sdo_m, sdo_d, Lse, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax,
-    DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n, offs_d, offs_dv, n_ok,
-    kt, vt, dk, dv, D, DV, off_b, off_h, Nq, Nk, scale, eps,
-    Keep, skp_b, skp_h, skp_m, skp_n,
-    MaskAdd, sma_b, sma_h, sma_m, sma_n,
-    Bias, sbi_b, sbi_h, sbi_m, sbi_n,
-    Slopes, ssl_b, ssl_h,
+def _ds(
+    s, vis, dp, m2, il, delta, ra, rb, rc, i_min, i_max, cn, eps, keep, drop_scale,
+    NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_KEEP: tl.constexpr,
+    FULL: tl.constexpr,
+):
+    """The backward of one tile from its scores ``s`` and ``dp = dO v`` (either orientation; the row vectors ``m2``
+    (row max times log2 e), ``il`` (1 / softmax sum), ``delta``, ``ra``, ``rb``, ``rc``, ``i_min``, ``i_max`` come
+    already broadcast along the key axis). ``p = exp2(s log2e - m2) * il``; the factor ``il`` is folded into the row
+    constants, so this costs no more than ``exp(s - lse)`` and keeps ``sum p = 1`` to a few ulps (a rounded lse
+    would shift every ``p`` of the row by the same relative error).
+
+    Returns ``(wd, ds, e, dp, w, at_min, at_max)``: the weights applied to ``v`` (after dropout; what multiplies
+    ``dO`` for ``dv``), ``ds = dL/ds`` without the sparse range terms, ``e = p l`` (the softmax times the row's sum),
+    ``dp`` after dropout, the SA weights ``w`` and where the row's arg-min (if ``a < 0``) / arg-max
+    (if ``b > 0``) key is. With ``RANGE_GRAD`` the factor at those two keys is taken without the part that the range
+    correction cancels exactly (``c`` at the arg-min, ``c (1 - c eps)`` at the arg-max), so that no O(c) terms cancel
+    in floating point: the correction added afterwards is then ``c (Delta - sum_{j != argmin} p dp)`` and
+    ``-c sum_{j != argmax} w dp``."""
+    if FULL and not HAS_KEEP:  # every key visible; rows past Nq have m2 = +inf, so e = 0 there
+        e = tl.math.exp2(s * LOG2E - m2)
+    else:
+        e = tl.math.exp2(tl.where(vis, s, float("-inf")) * LOG2E - m2)  # m2 = +inf on empty rows -> 0
+    if HAS_DROPOUT:
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    at_min = cn < 0  # all False unless RANGE_GRAD
+    at_max = cn < 0
+    if NORMALIZE:
+        cl = rc * il
+        fw = (s - ra) * cl  # fac_w / l
+        fac = fw + cl  # fac / l
+        if RANGE_GRAD:
+            at_min = (cn == i_min) & (ra < 0.0)
+            at_max = (cn == i_max) & (rb > 0.0)
+            fac = tl.where(at_min, fw, fac)
+            fac = tl.where(at_max, fw + cl * rc * eps, fac)
+    else:
+        fw = s * il
+        fac = fw + il
+    ds = e * (fac * dp - delta * il)
+    w = fw * e
+    wd = w
+    if HAS_DROPOUT:
+        wd = tl.where(keep, w * drop_scale, 0.0)
+    return wd, ds, e, dp, w, at_min, at_max
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_stats_tile(
+    q, k_base, sk_n, sk_d, start_n, offs_n0, offs_m, offs_d, D, off_b, off_h, Nq, Nk, scale,
+    Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
+    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+    m_i, mn_i, l_i, i_max, i_min,
+    IS_CAUSAL: tl.constexpr, RANGE_GRAD: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr, FULL: tl.constexpr,
+):
+    """Pass 1 of the normalized forward, one key block: running max, sum, minimum (and arg-min/arg-max)."""
+    offs_n = start_n + offs_n0
+    kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d,
+                 mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
+    qk = tl.dot(q, kt, input_precision=DOT_PREC)
+    s, vis = _scores(
+        qk, offs_m[:, None], offs_n[None, :], off_b, off_h, Nq, Nk, scale,
+        Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
+        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, FULL,
+    )
+    if FULL and not HAS_KEEP:  # every key visible (rows past Nq are never stored)
+        s_ninf = s
+        s_pinf = s
+    else:
+        s_ninf = tl.where(vis, s, float("-inf"))
+        s_pinf = tl.where(vis, s, float("inf"))
+    if RANGE_GRAD:
+        b_max, a_max = tl.max(s_ninf, 1, return_indices=True)
+        b_min, a_min = tl.min(s_pinf, 1, return_indices=True)
+        i_max = tl.where(b_max > m_i, a_max.to(tl.int32) + start_n, i_max)
+        i_min = tl.where(b_min < mn_i, a_min.to(tl.int32) + start_n, i_min)
+    else:
+        b_max = tl.max(s_ninf, 1)
+        b_min = tl.min(s_pinf, 1)
+    mn_i = tl.minimum(mn_i, b_min)
+    m_new = tl.maximum(m_i, b_max)
+    m2 = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E
+    alpha = tl.math.exp2(m_i * LOG2E - m2)
+    l_i = l_i * alpha + tl.sum(tl.math.exp2(s_ninf * LOG2E - m2[:, None]), 1)
+    return m_new, mn_i, l_i, i_max, i_min
+
+
+@triton.jit
+def _fwd_acc_tile(
+    q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
+    off_b, off_h, Nq, Nk, scale,
+    Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
+    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+    acc, m_i, l_i, m2, ra, cl, row_base, seed_lo, seed_hi, drop_thr,
+    IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    FULL: tl.constexpr,
+):
+    """One key block of the accumulating pass: normalized, pass 2 with the exact weights ``(s - a) (c / l)
+    exp2(s log2e - m2)`` (``m_i``, ``l_i`` unused);
+    plain, FlashAttention-2's online softmax with ``s e`` in place of ``e``. Dropout zeroes the dropped weights (not
+    the softmax sum); the caller applies ``1 / (1 - p)``."""
+    offs_n = start_n + offs_n0
+    kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d,
+                 mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
+    qk = tl.dot(q, kt, input_precision=DOT_PREC)
+    s, vis = _scores(
+        qk, offs_m[:, None], offs_n[None, :], off_b, off_h, Nq, Nk, scale,
+        Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
+        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, FULL,
+    )
+    if FULL and not HAS_KEEP:
+        s_ninf = s
+    else:
+        s_ninf = tl.where(vis, s, float("-inf"))
+    if NORMALIZE:
+        # exact weights; 0 where masked (p = 0 and s finite), exactly 0 at the arg-min key (s == a)
+        w = (s - ra[:, None]) * (cl[:, None] * tl.math.exp2(s_ninf * LOG2E - m2[:, None]))
+    else:
+        m_new = tl.maximum(m_i, tl.max(s_ninf, 1))
+        m2 = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E
+        alpha = tl.math.exp2(m_i * LOG2E - m2)
+        e = tl.math.exp2(s_ninf * LOG2E - m2[:, None])
+        l_i = l_i * alpha + tl.sum(e, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        w = s * e
+    if HAS_DROPOUT:
+        keep = _dropout_keep((row_base + offs_m.to(tl.int64))[:, None], offs_n[None, :], Nk, seed_lo, seed_hi,
+                             drop_thr)
+        w = tl.where(keep, w, 0.0)
+    v = tl.load(v_base + offs_n[:, None] * sv_n + offs_dv[None, :] * sv_d,
+                mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < DV), other=0.0)
+    acc += tl.dot(w.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=_DROPOUT_ARGS)
+def sa_fwd(
+    Q, K, V, Out, OutLo, RowM, RowL, RangeA, RangeB, RangeC, IdxMin, IdxMax,
+    Keep, MaskAdd, Bias, Slopes, Seed,
+    sq_b, sq_h, sq_m, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    so_b, so_h, so_m, so_d,
+    skp_b, skp_h, skp_m, skp_n,
+    sma_b, sma_h, sma_m, sma_n,
+    sbi_b, sbi_h, sbi_m, sbi_n,
+    ssl_b, ssl_h,
+    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, drop_thr, drop_scale,
+    IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
+    HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_LO: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m, pid_bh = _split_pid(tl.program_id(0), Nq, BLOCK_M, IS_CAUSAL)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = off_h // G
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_base = pid_bh.to(tl.int64) * Nq
+    seed_lo, seed_hi = _load_seed(Seed, HAS_DROPOUT)
+
+    q = tl.load(Q + off_b * sq_b + off_h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
+                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + off_b * sk_b + off_hkv * sk_h
+    v_base = V + off_b * sv_b + off_hkv * sv_h
+    full_hi, hi = _row_range(start_m, Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    zero_m = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m2 = zero_m
+    ra = zero_m
+    cl = zero_m
+    row_ok = offs_m < Nq
+    stat = row_base + offs_m
+
+    if NORMALIZE:
+        # pass 1: statistics only (one matrix product per key block)
+        mn_i = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+        i_max = tl.zeros([BLOCK_M], dtype=tl.int32)
+        i_min = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for start_n in range(0, full_hi, BLOCK_N):
+            m_i, mn_i, l_i, i_max, i_min = _fwd_stats_tile(
+                q, k_base, sk_n, sk_d, start_n, offs_n0, offs_m, offs_d, D, off_b, off_h, Nq, Nk, scale,
+                Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
+                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, m_i, mn_i, l_i, i_max, i_min,
+                IS_CAUSAL, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, DOT_PREC, True,
+            )
+        for start_n in range(full_hi, hi, BLOCK_N):
+            m_i, mn_i, l_i, i_max, i_min = _fwd_stats_tile(
+                q, k_base, sk_n, sk_d, start_n, offs_n0, offs_m, offs_d, D, off_b, off_h, Nq, Nk, scale,
+                Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
+                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, m_i, mn_i, l_i, i_max, i_min,
+                IS_CAUSAL, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, DOT_PREC, False,
+            )
+        empty = l_i == 0.0
+        # the same m2 as the last update of l_i (so that sum p = 1 to a few ulps)
+        m2 = tl.where(empty, float("inf"), m_i * LOG2E)
+        il = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+        ra = tl.minimum(mn_i, 0.0)
+        rb = tl.maximum(m_i, 0.0)
+        rc = tl.where(empty, 0.0, 1.0 / (rb - ra + eps))
+        cl = rc * il
+        tl.store(RangeA + stat, ra, mask=row_ok)
+        tl.store(RangeB + stat, rb, mask=row_ok)
+        tl.store(RangeC + stat, rc, mask=row_ok)
+        if RANGE_GRAD:
+            tl.store(IdxMin + stat, i_min, mask=row_ok)
+            tl.store(IdxMax + stat, i_max, mask=row_ok)
+
+    # the accumulating pass (normalized: pass 2; plain: the only pass)
+    for start_n in range(0, full_hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_acc_tile(
+            q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
+            off_b, off_h, Nq, Nk, scale,
+            Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
+            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+            acc, m_i, l_i, m2, ra, cl, row_base, seed_lo, seed_hi, drop_thr,
+            IS_CAUSAL, NORMALIZE, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, True,
+        )
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_acc_tile(
+            q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
+            off_b, off_h, Nq, Nk, scale,
+            Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
+            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+            acc, m_i, l_i, m2, ra, cl, row_base, seed_lo, seed_hi, drop_thr,
+            IS_CAUSAL, NORMALIZE, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, False,
+        )
+
+    if NORMALIZE:
+        o = acc
+    else:
+        empty = l_i == 0.0
+        il = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+        o = acc * il[:, None]
+        m2 = tl.where(empty, float("inf"), m_i * LOG2E)
+    if HAS_DROPOUT:
+        o = o * drop_scale
+    tl.store(RowM + stat, m2, mask=row_ok)
+    tl.store(RowL + stat, il, mask=row_ok)
+    o_off = off_b * so_b + off_h * so_h + offs_m[:, None] * so_m + offs_dv[None, :] * so_d
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    o_out = o.to(Out.dtype.element_ty)
+    tl.store(Out + o_off, o_out, mask=o_mask)
+    if WRITE_LO:  # what rounding to the output dtype lost (OutLo has Out's strides)
+        tl.store(OutLo + o_off, (o - o_out.to(tl.float32)).to(OutLo.dtype.element_ty), mask=o_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def sa_bwd_pre(
+    Out, OutLo, DO, Delta, DQacc, RowA, RowB,
+    so_b, so_h, so_m, so_d,
+    sdo_b, sdo_h, sdo_m, sdo_d,
+    H, Nq, D, DV,
+    HAS_LO: tl.constexpr, ZERO_DQ: tl.constexpr, ZERO_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """``Delta = rowsum(dO * O)`` (float32, with the output's rounding residual for half inputs); zeroes the float32
+    ``dq`` accumulator (contiguous ``(B, H, Nq, D)``) and the range-correction row sums of the fast path."""
+    pid_m, pid_bh = _split_pid(tl.program_id(0), Nq, BLOCK_M, False)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Nq
+    mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+    o_off = off_b * so_b + off_h * so_h + offs_m[:, None] * so_m + offs_dv[None, :] * so_d
+    o = tl.load(Out + o_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LO:
+        o += tl.load(OutLo + o_off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * sdo_b + off_h * sdo_h + offs_m[:, None] * sdo_m + offs_dv[None, :] * sdo_d,
+                 mask=mask, other=0.0).to(tl.float32)
+    stat = pid_bh.to(tl.int64) * Nq + offs_m
+    tl.store(Delta + stat, tl.sum(o * do, 1), mask=m_ok)
+    if ZERO_DQ:
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.store(DQacc + stat[:, None] * D + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                 mask=m_ok[:, None] & (offs_d[None, :] < D))
+    if ZERO_ROWS:
+        zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+        tl.store(RowA + stat, zero, mask=m_ok)
+        tl.store(RowB + stat, zero, mask=m_ok)
+
+
+@triton.jit
+def _kv_tile(
+    q_base, do_base, sq_m, sq_d, sdo_m, sdo_d, RowM, RowL, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, DA, DB,
+    RowA, RowB, dq_base, DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n, offs_d, offs_dv,
+    n_ok, pid_n, k, v, dk, dv, db_acc, D, DV, off_b, off_h, Nq, Nk, scale, eps,
+    Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
+    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
     seed_lo, seed_hi, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BCAST_M: tl.constexpr, DB_BCAST_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, FULL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, NEED_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    FULL: tl.constexpr,
 ):
-    """One query block of the dk/dv kernel: accumulate ``dk``, ``dv`` and write (or add) the bias gradient."""
+    """One query block of the key/value kernel, in the transposed orientation (``(BLOCK_N, BLOCK_M)`` tiles)."""
     offs_m = start_m + offs_m0
     m_ok = offs_m < Nq
-    q = tl.load(q_base + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
-                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * sdo_m + offs_dv[None, :] * sdo_d,
-                 mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(Lse + stat_base + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(Delta + stat_base + offs_m, mask=m_ok, other=0.0)
-    ra, rb, rc, i_min, i_max = _row_stats(
-        stat_base + offs_m, m_ok, delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, NORMALIZE, RANGE_GRAD)
-    w, wd, ds, p, dp, at_min, at_max = _ds_tile(
-        q, kt, vt, do, lse, delta, ra, rb, rc, i_min, i_max, eps,
-        offs_m, offs_n, off_b, off_h, Nq, Nk, scale,
+    qt = tl.load(q_base + offs_m[None, :] * sq_m + offs_d[:, None] * sq_d,
+                 mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+    dot_ = tl.load(do_base + offs_m[None, :] * sdo_m + offs_dv[:, None] * sdo_d,
+                   mask=m_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    stat = stat_base + offs_m
+    m2 = tl.load(RowM + stat, mask=m_ok, other=float("inf"))
+    il = tl.load(RowL + stat, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
+    ra, rb, rc, i_min, i_max = _row_stats(stat, m_ok, NORMALIZE, RANGE_GRAD, RangeA, RangeB, RangeC, IdxMin, IdxMax)
+    rm = offs_m[None, :]
+    cn = offs_n[:, None]
+    s, vis = _scores(
+        tl.dot(k, qt, input_precision=DOT_PREC), rm, cn, off_b, off_h, Nq, Nk, scale,
         Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
         Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-        stat_base, seed_lo, seed_hi, drop_thr, drop_scale,
-        IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, FULL,
+        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, FULL,
     )
-    dv += tl.dot(tl.trans(wd.to(do.dtype)), do, input_precision=DOT_PREC)
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    dp = tl.dot(v, dot_, input_precision=DOT_PREC)
+    keep = vis
+    if HAS_DROPOUT:
+        keep = _dropout_keep(stat.to(tl.int64)[None, :], cn, Nk, seed_lo, seed_hi, drop_thr)
+    wd, ds, e, dp, w, at_min, at_max = _ds(
+        s, vis, dp, m2[None, :], il[None, :], delta[None, :], ra[None, :], rb[None, :], rc[None, :], i_min[None, :],
+        i_max[None, :], cn, eps, keep, drop_scale, NORMALIZE, RANGE_GRAD, HAS_DROPOUT, HAS_KEEP, FULL,
+    )
+    if RANGE_GRAD:
+        if ATOMIC_DQ:  # fast path: partial row sums of the range correction, completed by atomics
+            tl.atomic_add(RowA + stat, il * tl.sum(tl.where(at_min, 0.0, e * dp), 0), mask=m_ok, sem="relaxed")
+            tl.atomic_add(RowB + stat, tl.sum(tl.where(at_max, 0.0, w * dp), 0), mask=m_ok, sem="relaxed")
+        else:  # deterministic path: the range terms (known from the dq kernel) enter ds at their keys
+            da = tl.load(DA + stat, mask=m_ok, other=0.0)
+            db = tl.load(DB + stat, mask=m_ok, other=0.0)
+            ds += tl.where(at_min, da[None, :], 0.0) + tl.where(at_max, db[None, :], 0.0)
+    dv += tl.dot(wd.to(dot_.dtype), tl.trans(dot_), input_precision=DOT_PREC)
+    ds_lo = ds.to(qt.dtype)
+    dk += tl.dot(ds_lo, tl.trans(qt), input_precision=DOT_PREC)
+    if ATOMIC_DQ and NEED_DQ:
+        dq = tl.dot(tl.trans(ds_lo), k, input_precision=DOT_PREC)
+        tl.atomic_add(dq_base + offs_m[:, None] * D + offs_d[None, :], dq,
+                      mask=m_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
     if BIAS_GRAD:
         db_base = DBias + off_b * sdb_b + off_h * sdb_h
-        if DB_BCAST_M:
+        if DB_BCAST_M:  # summed over the rows: accumulated by the caller, written once per head
             if DB_BCAST_N:
-                tl.atomic_add(db_base, tl.sum(tl.sum(ds, 1), 0))
+                db_acc += tl.sum(tl.sum(ds, 1), 0)
             else:
-                tl.atomic_add(db_base + offs_n * sdb_n, tl.sum(ds, 0), mask=n_ok)
+                db_acc += tl.sum(ds, 1)
+        elif DB_BCAST_N:  # summed over the keys: one partial per key block (deterministic) or atomics
+            ptrs = db_base + offs_m * sdb_m + pid_n * sdb_n
+            if DB_ATOMIC:
+                tl.atomic_add(ptrs, tl.sum(ds, 0), mask=m_ok, sem="relaxed")
+            else:
+                tl.store(ptrs, tl.sum(ds, 0), mask=m_ok)
         else:
-            if DB_BCAST_N:
-                tl.atomic_add(db_base + offs_m * sdb_m, tl.sum(ds, 1), mask=m_ok)
+            ptrs = db_base + offs_m[None, :] * sdb_m + offs_n[:, None] * sdb_n
+            if DB_ATOMIC:
+                tl.atomic_add(ptrs, ds, mask=m_ok[None, :] & n_ok[:, None], sem="relaxed")
             else:
-                db_ptrs = db_base + offs_m[:, None] * sdb_m + offs_n[None, :] * sdb_n
-                if DB_ATOMIC:
-                    tl.atomic_add(db_ptrs, ds, mask=m_ok[:, None] & n_ok[None, :])
-                else:
-                    tl.store(db_ptrs, ds, mask=m_ok[:, None] & n_ok[None, :])
-    return dk, dv
+                tl.store(ptrs, ds, mask=m_ok[None, :] & n_ok[:, None])
+    return dk, dv, db_acc
 
 
 @triton.jit(do_not_specialize=_DROPOUT_ARGS)
-def sa_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, DK, DV_, DBias,
-    Keep, MaskAdd, Bias, Slopes,
+def sa_bwd_kv(
+    Q, K, V, DO, RowM, RowL, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, DA, DB, RowA, RowB, DQacc, DK, DV_,
+    DBias,
+    Keep, MaskAdd, Bias, Slopes, Seed,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
@@ -407,15 +579,14 @@ def sa_bwd_dkdv(
     sma_b, sma_h, sma_m, sma_n,
     sbi_b, sbi_h, sbi_m, sbi_n,
     ssl_b, ssl_h,
-    H, HKV, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, seed_lo, seed_hi, drop_thr, drop_scale,
+    H, HKV, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BCAST_M: tl.constexpr, DB_BCAST_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, NEED_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
+    pid_n, pid_bk = _split_pid(tl.program_id(0), Nk, BLOCK_N, False)
     off_b = (pid_bk // HKV).to(tl.int64)
     off_hkv = (pid_bk % HKV).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -424,12 +595,12 @@ def sa_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < Nk
+    seed_lo, seed_hi = _load_seed(Seed, HAS_DROPOUT)
 
-    # K^T (BLOCK_D, BLOCK_N) and V^T (BLOCK_DV, BLOCK_N); K (BLOCK_N, BLOCK_D) for nothing else is needed.
-    kt = tl.load(K + off_b * sk_b + off_hkv * sk_h + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d,
-                 mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-    vt = tl.load(V + off_b * sv_b + off_hkv * sv_h + offs_n[None, :] * sv_n + offs_dv[:, None] * sv_d,
-                 mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    k = tl.load(K + off_b * sk_b + off_hkv * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+                mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + off_b * sv_b + off_hkv * sv_h + offs_n[:, None] * sv_n + offs_dv[None, :] * sv_d,
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -450,26 +621,45 @@ def sa_bwd_dkdv(
         q_base = Q + off_b * sq_b + off_h * sq_h
         do_base = DO + off_b * sdo_b + off_h * sdo_h
         stat_base = (off_b * H + off_h) * Nq
+        dq_base = DQacc + stat_base * D
+        if DB_BCAST_N:
+            db_acc = tl.zeros([], dtype=tl.float32)
+        else:
+            db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start_m in range(lo, mid_lo, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                Q, q_base, do_base, sq_m, sq_d, sdo_m, sdo_d, Lse, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax,
-                DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n, offs_d, offs_dv, n_ok,
-                kt, vt, dk, dv, D, DV, off_b, off_h, Nq, Nk, scale, eps,
+            dk, dv, db_acc = _kv_tile(
+                q_base, do_base, sq_m, sq_d, sdo_m, sdo_d, RowM, RowL, Delta, RangeA, RangeB, RangeC, IdxMin,
+                IdxMax, DA,
+                DB, RowA, RowB, dq_base, DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n,
+                offs_d, offs_dv, n_ok, pid_n, k, v, dk, dv, db_acc, D, DV, off_b, off_h, Nq, Nk, scale, eps,
                 Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
                 Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, seed_lo, seed_hi, drop_thr, drop_scale,
                 IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI,
-                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, DOT_PREC, False,
+                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, ATOMIC_DQ, NEED_DQ, DOT_PREC, False,
             )
         for start_m in range(mid, Nq, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                Q, q_base, do_base, sq_m, sq_d, sdo_m, sdo_d, Lse, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax,
-                DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n, offs_d, offs_dv, n_ok,
-                kt, vt, dk, dv, D, DV, off_b, off_h, Nq, Nk, scale, eps,
+            dk, dv, db_acc = _kv_tile(
+                q_base, do_base, sq_m, sq_d, sdo_m, sdo_d, RowM, RowL, Delta, RangeA, RangeB, RangeC, IdxMin,
+                IdxMax, DA,
+                DB, RowA, RowB, dq_base, DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n,
+                offs_d, offs_dv, n_ok, pid_n, k, v, dk, dv, db_acc, D, DV, off_b, off_h, Nq, Nk, scale, eps,
                 Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
                 Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, seed_lo, seed_hi, drop_thr, drop_scale,
                 IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI,
-                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, DOT_PREC, True,
+                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, ATOMIC_DQ, NEED_DQ, DOT_PREC, True,
             )
+        if BIAS_GRAD and DB_BCAST_M:
+            db_base = DBias + off_b * sdb_b + off_h * sdb_h
+            if DB_BCAST_N:
+                if DB_ATOMIC:
+                    tl.atomic_add(db_base + pid_n * sdb_n, db_acc, sem="relaxed")
+                else:
+                    tl.store(db_base + pid_n * sdb_n, db_acc)
+            else:
+                if DB_ATOMIC:
+                    tl.atomic_add(db_base + offs_n * sdb_n, db_acc, mask=n_ok, sem="relaxed")
+                else:
+                    tl.store(db_base + offs_n * sdb_n, db_acc, mask=n_ok)
 
     dk = dk * scale
     tl.store(DK + off_b * sdk_b + off_hkv * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
@@ -481,42 +671,68 @@ def sa_bwd_dkdv(
 @triton.jit
 def _dq_tile(
     q, do, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
-    lse, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
-    Keep, skp_b, skp_h, skp_m, skp_n,
-    MaskAdd, sma_b, sma_h, sma_m, sma_n,
-    Bias, sbi_b, sbi_h, sbi_m, sbi_n,
-    Slopes, ssl_b, ssl_h,
-    row_base, seed_lo, seed_hi, drop_thr, drop_scale,
+    m2, il, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
+    Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
+    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+    stat, seed_lo, seed_hi, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, FULL: tl.constexpr,
 ):
-    """One key block of the dq kernel: accumulate ``dq`` and the row sums of the range correction."""
+    """One key block of the dq kernel: accumulate ``dq`` and the exact row sums of the range correction."""
     offs_n = start_n + offs_n0
     n_ok = offs_n < Nk
     k = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
                 mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    vt = tl.load(v_base + offs_n[None, :] * sv_n + offs_dv[:, None] * sv_d,
-                 mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-    w, wd, ds, p, dp, at_min, at_max = _ds_tile(
-        q, tl.trans(k), vt, do, lse, delta, ra, rb, rc, i_min, i_max, eps,
-        offs_m, offs_n, off_b, off_h, Nq, Nk, scale,
+    v = tl.load(v_base + offs_n[:, None] * sv_n + offs_dv[None, :] * sv_d,
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    rm = offs_m[:, None]
+    cn = offs_n[None, :]
+    s, vis = _scores(
+        tl.dot(q, tl.trans(k), input_precision=DOT_PREC), rm, cn, off_b, off_h, Nq, Nk, scale,
         Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
         Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-        row_base, seed_lo, seed_hi, drop_thr, drop_scale,
-        IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, FULL,
+        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, FULL,
+    )
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    keep = vis
+    if HAS_DROPOUT:
+        keep = _dropout_keep(stat.to(tl.int64)[:, None], cn, Nk, seed_lo, seed_hi, drop_thr)
+    wd, ds, e, dp, w, at_min, at_max = _ds(
+        s, vis, dp, m2[:, None], il[:, None], delta[:, None], ra[:, None], rb[:, None], rc[:, None], i_min[:, None],
+        i_max[:, None], cn, eps, keep, drop_scale, NORMALIZE, RANGE_GRAD, HAS_DROPOUT, HAS_KEEP, FULL,
     )
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     if RANGE_GRAD:
-        r_a += tl.sum(tl.where(at_min, 0.0, p * dp), 1)
+        r_a += il * tl.sum(tl.where(at_min, 0.0, e * dp), 1)
         r_b += tl.sum(tl.where(at_max, 0.0, w * dp), 1)
     return dq, r_a, r_b
 
 
+@triton.jit
+def _range_terms(delta, ra, rb, rc, r_a, r_b):
+    """``dL/da`` (at the arg-min key, if ``a < 0``) and ``dL/db`` (at the arg-max key, if ``b > 0``) from the row sums
+    ``r_a = sum_{j != argmin} p dP`` and ``r_b = sum_{j != argmax} w dP`` (see ``_ds``)."""
+    da = tl.where(ra < 0.0, rc * (delta - r_a), 0.0)
+    db = tl.where(rb > 0.0, -rc * r_b, 0.0)
+    return da, db
+
+
+@triton.jit
+def _gather_keys(dq, da, db, i_min, i_max, k_base, sk_n, sk_d, offs_d, m_ok, D):
+    """``dq += da k[argmin] + db k[argmax]`` (row by row, a gather of two key rows per query row)."""
+    d_ok = offs_d[None, :] < D
+    k_min = tl.load(k_base + i_min[:, None] * sk_n + offs_d[None, :] * sk_d,
+                    mask=(m_ok & (da != 0.0))[:, None] & d_ok, other=0.0).to(tl.float32)
+    k_max = tl.load(k_base + i_max[:, None] * sk_n + offs_d[None, :] * sk_d,
+                    mask=(m_ok & (db != 0.0))[:, None] & d_ok, other=0.0).to(tl.float32)
+    return dq + da[:, None] * k_min + db[:, None] * k_max
+
+
 @triton.jit(do_not_specialize=_DROPOUT_ARGS)
 def sa_bwd_dq(
-    Q, K, V, DO, Lse, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, RowA, RowB, DQ,
-    Keep, MaskAdd, Bias, Slopes,
+    Q, K, V, DO, RowM, RowL, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, DA, DB, DQ,
+    Keep, MaskAdd, Bias, Slopes, Seed,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
@@ -526,14 +742,13 @@ def sa_bwd_dq(
     sma_b, sma_h, sma_m, sma_n,
     sbi_b, sbi_h, sbi_m, sbi_n,
     ssl_b, ssl_h,
-    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, seed_lo, seed_hi, drop_thr, drop_scale,
+    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, NEED_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _split_pid(tl.program_id(0), Nq, BLOCK_M, IS_CAUSAL)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     off_hkv = off_h // G
@@ -543,49 +758,98 @@ def sa_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Nq
-    row_base = pid_bh.to(tl.int64) * Nq
+    seed_lo, seed_hi = _load_seed(Seed, HAS_DROPOUT)
 
     q = tl.load(Q + off_b * sq_b + off_h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
                 mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + off_b * sdo_b + off_h * sdo_h + offs_m[:, None] * sdo_m + offs_dv[None, :] * sdo_d,
                  mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    stat = row_base + offs_m
-    lse = tl.load(Lse + stat, mask=m_ok, other=float("inf"))
+    stat = pid_bh.to(tl.int64) * Nq + offs_m
+    m2 = tl.load(RowM + stat, mask=m_ok, other=float("inf"))
+    il = tl.load(RowL + stat, mask=m_ok, other=0.0)
     delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
-    ra, rb, rc, i_min, i_max = _row_stats(
-        stat, m_ok, delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, NORMALIZE, RANGE_GRAD)
+    ra, rb, rc, i_min, i_max = _row_stats(stat, m_ok, NORMALIZE, RANGE_GRAD, RangeA, RangeB, RangeC, IdxMin, IdxMax)
     r_a = tl.zeros([BLOCK_M], dtype=tl.float32)
     r_b = tl.zeros([BLOCK_M], dtype=tl.float32)
     k_base = K + off_b * sk_b + off_hkv * sk_h
     v_base = V + off_b * sv_b + off_hkv * sv_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    if IS_CAUSAL:
-        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + Nk - Nq, 0))
-        full_hi = tl.minimum(Nk, tl.maximum(start_m + Nk - Nq + 1, 0))
-    else:
-        hi = Nk
-        full_hi = Nk
-    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    full_hi, hi = _row_range(start_m, Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full_hi, BLOCK_N):
         dq, r_a, r_b = _dq_tile(
             q, do, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
-            lse, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
+            m2, il, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
             Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, row_base, seed_lo, seed_hi, drop_thr, drop_scale,
+            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, stat, seed_lo, seed_hi, drop_thr, drop_scale,
             IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, True,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
         dq, r_a, r_b = _dq_tile(
             q, do, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
-            lse, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
+            m2, il, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
             Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, row_base, seed_lo, seed_hi, drop_thr, drop_scale,
+            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, stat, seed_lo, seed_hi, drop_thr, drop_scale,
             IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, False,
         )
-    dq = dq * scale
     if RANGE_GRAD:
-        tl.store(RowA + stat, r_a, mask=m_ok)
-        tl.store(RowB + stat, r_b, mask=m_ok)
-    tl.store(DQ + off_b * sdq_b + off_h * sdq_h + offs_m[:, None] * sdq_m + offs_d[None, :] * sdq_d,
-             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
+        da, db = _range_terms(delta, ra, rb, rc, r_a, r_b)
+        tl.store(DA + stat, da, mask=m_ok)
+        tl.store(DB + stat, db, mask=m_ok)
+        dq = _gather_keys(dq, da, db, i_min, i_max, k_base, sk_n, sk_d, offs_d, m_ok, D)
+    if NEED_DQ:
+        tl.store(DQ + off_b * sdq_b + off_h * sdq_h + offs_m[:, None] * sdq_m + offs_d[None, :] * sdq_d,
+                 (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def sa_bwd_post(
+    Q, K, DQacc, DQ, DK, DBias, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, RowA, RowB,
+    sq_b, sq_h, sq_m, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sdq_b, sdq_h, sdq_m, sdq_d,
+    sdk_b, sdk_h, sdk_n, sdk_d,
+    sdb_b, sdb_h, sdb_m, sdb_n,
+    H, G, Nq, D, scale,
+    RANGE_GRAD: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Fast path, after ``sa_bwd_kv``: ``dq = scale * acc`` in the output dtype, plus (range gradient) the sparse
+    correction at each row's arg-min/arg-max key: ``dq_i += scale (da k_argmin + db k_argmax)``, and by atomics
+    ``dk_argmin += scale da q_i``, ``dk_argmax += scale db q_i`` (float32 ``DK``), ``dbias[i, argmin] += da`` etc."""
+    pid_m, pid_bh = _split_pid(tl.program_id(0), Nq, BLOCK_M, False)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = off_h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Nq
+    md = m_ok[:, None] & (offs_d[None, :] < D)
+    stat = pid_bh.to(tl.int64) * Nq + offs_m
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if NEED_DQ:
+        dq = tl.load(DQacc + stat[:, None] * D + offs_d[None, :], mask=md, other=0.0)
+    if RANGE_GRAD:
+        delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
+        ra, rb, rc, i_min, i_max = _row_stats(stat, m_ok, True, True, RangeA, RangeB, RangeC, IdxMin, IdxMax)
+        r_a = tl.load(RowA + stat, mask=m_ok, other=0.0)
+        r_b = tl.load(RowB + stat, mask=m_ok, other=0.0)
+        da, db = _range_terms(delta, ra, rb, rc, r_a, r_b)
+        k_base = K + off_b * sk_b + off_hkv * sk_h
+        if NEED_DQ:
+            dq = _gather_keys(dq, da, db, i_min, i_max, k_base, sk_n, sk_d, offs_d, m_ok, D)
+        if NEED_DK:
+            q = tl.load(Q + off_b * sq_b + off_h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
+                        mask=md, other=0.0).to(tl.float32) * scale
+            dk_base = DK + off_b * sdk_b + off_hkv * sdk_h
+            tl.atomic_add(dk_base + i_min[:, None] * sdk_n + offs_d[None, :] * sdk_d, da[:, None] * q,
+                          mask=md & (da != 0.0)[:, None], sem="relaxed")
+            tl.atomic_add(dk_base + i_max[:, None] * sdk_n + offs_d[None, :] * sdk_d, db[:, None] * q,
+                          mask=md & (db != 0.0)[:, None], sem="relaxed")
+        if BIAS_GRAD:
+            db_base = DBias + off_b * sdb_b + off_h * sdb_h + offs_m * sdb_m
+            tl.atomic_add(db_base + i_min * sdb_n, da, mask=m_ok & (da != 0.0), sem="relaxed")
+            tl.atomic_add(db_base + i_max * sdb_n, db, mask=m_ok & (db != 0.0), sem="relaxed")
+    if NEED_DQ:
+        tl.store(DQ + off_b * sdq_b + off_h * sdq_h + offs_m[:, None] * sdq_m + offs_d[None, :] * sdq_d,
+                 (dq * scale).to(DQ.dtype.element_ty), mask=md)
