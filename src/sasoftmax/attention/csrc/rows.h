@@ -232,11 +232,13 @@ inline RowStats<T> forward_row(const Problem<T>& P, T* s, int64_t n, bool masked
 // the row's saved statistics, keep (dropout factors 0 or 1/(1-p), or null). Out: s = dL/ds (range terms included
 // unless detached), w = the weights applied to v (for dv); dp is clobbered. With u = (s - a) c (plain: a = 0, c = 1,
 // so u = s) and dPk = dp * keep:
-//   P = exp(s - m) / l,  W = u P,  Delta = sum W dPk,  ds = P ((u dPk - Delta) + c dPk)
+//   P = exp(s - m) / l,  W = u P,  Delta = sum W dPk,  ds = P ((u dPk - Delta) + c dPk)   (plain)
+//                                                     ds = P ((u dPk + c dPk) - Delta)   (normalized)
 // plus c (Delta - Delta0) at the arg-min key (if a < 0) and -c Delta at the arg-max key (if b > 0), with
 // Delta0 = sum P dPk. Delta is taken from the row itself (not g.o), and u dPk - Delta is formed before c dPk is
 // added: in the plain form, where u = s is large, the two large terms then carry the same rounding and cancel
-// cleanly (as in autograd through the reference), at the price of computing P twice.
+// cleanly (as in autograd through the reference), at the price of computing P twice. In the normalized form
+// u is in [0, 1], so the cheaper order (one exp) loses nothing.
 template <class T>
 inline void backward_row(const Problem<T>& P, const T* stats, const int64_t* idx, T* s, T* dp, T* w, int64_t n,
                          bool masked, const T* keep) {
@@ -252,39 +254,51 @@ inline void backward_row(const Problem<T>& P, const T* stats, const int64_t* idx
   const T c = P.normalize ? T(1) / (b - a + P.eps) : T(1);
   const V vm(m), vl(linv), va(a), vc(c), zero(T(0)), ninf(-inf);
   V vdelta(T(0)), vdelta0(T(0));
-  // pass 1: dp <- dPk, w <- W * keep; Delta, Delta0
+  // pass 1: w <- W * keep; Delta, Delta0; plain: dp <- dPk (s kept, P recomputed in pass 2); normalized, where
+  // u = (s - a) c is in [0, 1] and nothing cancels: s <- P, dp <- u dPk + c dPk (one exp per key)
+  const bool norm = P.normalize;
   for (int64_t j = 0; j < n; j += W) {
     const int64_t count = std::min<int64_t>(W, n - j);
     const bool tail = count < W;
     const V x = tail ? load_tail<T>(s + j, count, -inf) : V::loadu(s + j);
     V p = (x - vm).exp_u20() * vl;
-    V wv = ((x - va) * vc) * p;
+    const V u = (x - va) * vc;
+    V wv = u * p;
     V g = tail ? load_tail<T>(dp + j, count, T(0)) : V::loadu(dp + j);
     V kv(T(1));
     if (keep != nullptr) {
       kv = tail ? load_tail<T>(keep + j, count, T(0)) : V::loadu(keep + j);
       g = g * kv;
     }
+    V fd = norm ? u * g + vc * g : g;
     if (masked || tail) {
       const V vis = x != ninf;
       p = V::blendv(zero, p, vis);
       wv = V::blendv(zero, wv, vis);
+      if (norm) fd = V::blendv(zero, fd, vis);
     }
     vdelta = vdelta + wv * g;
     vdelta0 = vdelta0 + p * g;
     if (keep != nullptr) wv = wv * kv;
     if (tail) {
       wv.store(w + j, count);
-      g.store(dp + j, count);
+      fd.store(dp + j, count);
+      if (norm) p.store(s + j, count);
     } else {
       wv.store(w + j);
-      g.store(dp + j);
+      fd.store(dp + j);
+      if (norm) p.store(s + j);
     }
   }
   const T delta = hsum<T>(vdelta), delta0 = hsum<T>(vdelta0);
   const V vd(delta);
   // pass 2: s <- ds
-  for (int64_t j = 0; j < n; j += W) {
+  int64_t j = 0;
+  if (norm) {
+    for (; j + W <= n; j += W) (V::loadu(s + j) * (V::loadu(dp + j) - vd)).store(s + j);
+    for (; j < n; ++j) s[j] = s[j] * (dp[j] - delta);
+  }
+  for (; j < n; j += W) {
     const int64_t count = std::min<int64_t>(W, n - j);
     const bool tail = count < W;
     const V x = tail ? load_tail<T>(s + j, count, -inf) : V::loadu(s + j);
