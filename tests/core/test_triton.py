@@ -283,6 +283,18 @@ def test_partial_requires_grad_and_no_grad() -> None:
     assert torch.allclose(out2.double(), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("leaf", ["q", "k", "v", "bias"])
+def test_one_input_requires_grad(leaf: str, path: bool) -> None:
+    """Only one of q, k, v, bias needs a gradient: the kernels compute what is needed (the key/value kernel without
+    dk/dv when q alone needs one) and the gradient matches float64."""
+    q, k, v = qkv(Nq=21, seed=63)
+    bias = rand(1, 2, 21, 21, std=0.3, seed=65, grad=False)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        t.requires_grad_(name == leaf)
+    bias.requires_grad_(leaf == "bias")
+    check(q, k, v, bias=bias, is_causal=True)
+
+
 def test_empty_sequences() -> None:
     q, k, v = qkv(Nq=0, Nk=5)
     out = sa_attention(q, k, v, backend="triton")

@@ -85,10 +85,10 @@ def deterministic() -> bool:
 # register spills for bf16/fp16 and every feature set but "all", within shared memory. ``kv``/``kv_det`` are the
 # key/value kernel of the fast / deterministic path (BLOCK_N keys per program, BLOCK_M queries per iteration).
 GPU_CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
-    "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 4, 2)},
-    "kv": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (16, 64, 8, 1)},
-    "kv_det": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (16, 64, 8, 1)},
-    "dq": {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 4, 2)},
+    "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+    "kv": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (32, 32, 8, 2)},
+    "kv_det": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (32, 32, 8, 2)},
+    "dq": {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 32, 4, 2)},
 }
 # float32 inputs use exact (non-tensor-core) products, which need more registers and shared memory: smaller tiles.
 GPU_CONFIGS_FP32: dict[str, dict[int, tuple[int, int, int, int]]] = {
@@ -480,7 +480,7 @@ def _bwd_op(grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, 
                 *(dk.stride() if need_kv else (0, 0, 0, 0)), *(dv.stride() if need_kv else (0, 0, 0, 0)), *sdb,
                 *ex_strides, H, Hkv, G, Nq, Nk, D, Dv, scale, eps, bucket, *drop,
             ], dict(common, BIAS_GRAD=need_bias, DB_BCAST_M=db_bm, DB_BCAST_N=db_bn, DB_ATOMIC=db_atomic,
-                    ATOMIC_DQ=not det, NEED_DQ=fast_dq))
+                    ATOMIC_DQ=not det, NEED_DQ=fast_dq, NEED_KV=need_kv))
         if not det and (fast_dq or (range_grad and (need_dk or need_bias))):
             _run("post", _tk.sa_bwd_post, launch_grid(Nq, _row_opts()["BLOCK_M"], B * H), [
                 q, k, dq_acc, dq if need_dq else dummy, dk if need_kv else dummy, dbuf, delta, ra, rb, rc, imin,

@@ -495,8 +495,8 @@ def _kv_tile(
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BCAST_M: tl.constexpr, DB_BCAST_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, NEED_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
-    FULL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, NEED_DQ: tl.constexpr, NEED_KV: tl.constexpr,
+    DOT_PREC: tl.constexpr, FULL: tl.constexpr,
 ):
     """One query block of the key/value kernel, in the transposed orientation (``(BLOCK_N, BLOCK_M)`` tiles)."""
     offs_m = start_m + offs_m0
@@ -534,9 +534,10 @@ def _kv_tile(
             da = tl.load(DA + stat, mask=m_ok, other=0.0)
             db = tl.load(DB + stat, mask=m_ok, other=0.0)
             ds += tl.where(at_min, da[None, :], 0.0) + tl.where(at_max, db[None, :], 0.0)
-    dv += tl.dot(wd.to(dot_.dtype), tl.trans(dot_), input_precision=DOT_PREC)
     ds_lo = ds.to(qt.dtype)
-    dk += tl.dot(ds_lo, tl.trans(qt), input_precision=DOT_PREC)
+    if NEED_KV:
+        dv += tl.dot(wd.to(dot_.dtype), tl.trans(dot_), input_precision=DOT_PREC)
+        dk += tl.dot(ds_lo, tl.trans(qt), input_precision=DOT_PREC)
     if ATOMIC_DQ and NEED_DQ:
         dq = tl.dot(tl.trans(ds_lo), k, input_precision=DOT_PREC)
         tl.atomic_add(dq_base + offs_m[:, None] * D + offs_d[None, :], dq,
@@ -583,7 +584,8 @@ def sa_bwd_kv(
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BCAST_M: tl.constexpr, DB_BCAST_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, NEED_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, NEED_DQ: tl.constexpr, NEED_KV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_n, pid_bk = _split_pid(tl.program_id(0), Nk, BLOCK_N, False)
@@ -635,7 +637,8 @@ def sa_bwd_kv(
                 Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
                 Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, seed_lo, seed_hi, drop_thr, drop_scale,
                 IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI,
-                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, ATOMIC_DQ, NEED_DQ, DOT_PREC, False,
+                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, ATOMIC_DQ, NEED_DQ, NEED_KV, DOT_PREC,
+                False,
             )
         for start_m in range(mid, Nq, BLOCK_M):
             dk, dv, db_acc = _kv_tile(
@@ -646,7 +649,8 @@ def sa_bwd_kv(
                 Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
                 Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, seed_lo, seed_hi, drop_thr, drop_scale,
                 IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI,
-                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, ATOMIC_DQ, NEED_DQ, DOT_PREC, True,
+                BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, ATOMIC_DQ, NEED_DQ, NEED_KV, DOT_PREC,
+                True,
             )
         if BIAS_GRAD and DB_BCAST_M:
             db_base = DBias + off_b * sdb_b + off_h * sdb_h
@@ -661,11 +665,12 @@ def sa_bwd_kv(
                 else:
                     tl.store(db_base + offs_n * sdb_n, db_acc, mask=n_ok)
 
-    dk = dk * scale
-    tl.store(DK + off_b * sdk_b + off_hkv * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
-             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + off_b * sdv_b + off_hkv * sdv_h + offs_n[:, None] * sdv_n + offs_dv[None, :] * sdv_d,
-             dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
+    if NEED_KV:  # (without it the kernel only adds dq and the range-correction row sums: q alone needs a gradient)
+        dk = dk * scale
+        tl.store(DK + off_b * sdk_b + off_hkv * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
+                 dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(DV_ + off_b * sdv_b + off_hkv * sdv_h + offs_n[:, None] * sdv_n + offs_dv[None, :] * sdv_d,
+                 dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.jit
