@@ -323,3 +323,25 @@ def test_custom_ops_pass_opcheck(backend):
     args = (q, k, v, keep, None, bias, torch.tensor([[0.5, 0.2, 0.1, 0.05]]), seed, True, 0.5, True, False, 1e-10,
             0.2, backend, 0, True)
     torch.library.opcheck(torch.ops.sasoftmax.attention_fwd.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_few_heads_on_several_threads(dtype):
+    """Fewer (batch, key/value head) pairs than threads: the backward splits the query blocks into chunks with their
+    own dk/dv sums and per-thread copies of a bias shared by them; it must give the one-thread result."""
+    q, k, v = qkv(1, 2, 1, 40, 40, 8, 8, dtype=dtype, seed=31)
+    bias = _randn(1, 1, 1, 40, seed=32, dtype=dtype, grad=True)  # one row shared by every query and head
+    g = _randn(1, 2, 40, 8, seed=33)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            inp = prepare(q, k, v, bias=bias, is_causal=True)
+            out = cpp_attention(inp, block_size=8)
+            results.append([out, *grads_of(out, [q, k, v, bias], g)])
+    finally:
+        torch.set_num_threads(before)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-2, rtol=1e-2)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **tol)

@@ -136,6 +136,13 @@ def _compile(name: str, directory: Path) -> ModuleType:
     )
 
 
+def _first_error(message: str) -> str:
+    """The compiler's first error line of a failed build (else the message's last line)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or [""])[0 if errors else -1]
+
+
 def build() -> ModuleType | None:
     """Load the kernel, compiling it first if this machine has no build for the current sources; None (and
     :func:`load_error` says why) if it cannot be had. Thread-safe; the outcome is remembered for the process."""
@@ -158,8 +165,7 @@ def build() -> ModuleType | None:
                     if err is None:
                         ext = _compile(name, directory)
             except Exception as e:  # noqa: BLE001 - any build or load failure means: use another backend
-                first = str(e).strip().splitlines()
-                err = f"building the C++ kernel failed: {type(e).__name__}: {first[-1] if first else ''}"[:300]
+                err = f"building the C++ kernel failed: {type(e).__name__}: {_first_error(str(e))}"[:400]
                 ext = None
         if ext is not None:
             _STATE["gemm"] = ext.select_gemm(os.environ.get("SASOFTMAX_CPU_GEMM", "blas").strip() or "blas")

@@ -8,7 +8,10 @@
 //   S = scale * Q_blk K^T, dP = dO_blk V^T; row math (rows.h) gives dS and the applied weights W;
 //   dV += W^T dO_blk, dQ_blk = scale * dS K, dK += scale * dS^T Q_blk, dbias += dS (summed over broadcast dims).
 // The dk/dv of one key/value head are written by one task only (chunks of query blocks get their own partial sums
-// when there are fewer heads than threads). Everything runs in float32 (float64 for float64 inputs).
+// when there are fewer heads than threads). Everything runs in float32 (float64 for float64 inputs). q, k, v and the
+// output gradient are read in place with their strides when they are in the compute type (e.g. the (B, N, H, D)
+// layout of a model's projections, transposed); half inputs are converted to float32 in one parallel pass, and the
+// results are written in the caller's dtype by the tasks themselves.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -17,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "convert.h"
 #include "gemm.h"
 #include "rows.h"
 
@@ -35,6 +39,83 @@ View4 view4(const OptTensor& t, const char* name) {
   v.si = st(2);
   v.sj = st(3);
   return v;
+}
+
+// A (B, H, N, X) operand with unit stride along X, as the kernel reads it.
+template <class T>
+struct Mat {
+  const T* p = nullptr;
+  int64_t sb = 0, sh = 0, sn = 0;
+  const T* at(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * sn; }
+};
+
+template <class T>
+Mat<T> mat(const at::Tensor& t) {
+  return Mat<T>{t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The tensors the kernel reads: each one itself when it is in the compute type with unit last stride, else a
+// contiguous compute-type copy; all conversions run in one parallel pass (one synchronization, not one per tensor).
+std::vector<at::Tensor> compute_operands(const std::vector<at::Tensor>& ts, at::ScalarType ct) {
+  std::vector<at::Tensor> out, src, dst;
+  for (const auto& t0 : ts) {
+    if (t0.scalar_type() == ct && (t0.stride(3) == 1 || t0.size(3) <= 1)) {
+      out.push_back(t0);
+      continue;
+    }
+    const at::Tensor t = t0.stride(3) == 1 ? t0 : t0.contiguous();
+    out.push_back(at::empty(t.sizes(), t.options().dtype(ct)));
+    src.push_back(t);
+    dst.push_back(out.back());
+  }
+  if (src.empty()) return out;
+  std::vector<int64_t> first{0};  // first row of each job in the flat row index
+  for (const auto& t : src) first.push_back(first.back() + t.size(0) * t.size(1) * t.size(2));
+  const int64_t width = src[0].size(3) > 0 ? src[0].size(3) : 1;
+  at::parallel_for(0, first.back(), std::max<int64_t>(1, 4096 / width), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      size_t j = 0;
+      while (first[j + 1] <= r) ++j;
+      const at::Tensor& t = src[j];
+      const int64_t row = r - first[j], H = t.size(1), N = t.size(2), X = t.size(3);
+      const int64_t b = row / (H * N), h = (row / N) % H, i = row % N;
+      const char* from = static_cast<const char*>(t.data_ptr()) +
+                         (b * t.stride(0) + h * t.stride(1) + i * t.stride(2)) * t.element_size();
+      AT_DISPATCH_FLOATING_TYPES(ct, "sa_cpu_load", [&] {
+        load_row<scalar_t>(from, t.scalar_type(), dst[j].data_ptr<scalar_t>() + row * X, X);
+      });
+    }
+  });
+  return out;
+}
+
+// Where a block's result rows go: straight into the output when it is in the compute type, else through a
+// per-thread buffer and a conversion.
+struct RowsOut {
+  void* base = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t esize = 4, width = 0;
+  bool direct = false;
+  template <class T>
+  T* target(int64_t row, T* scratch) const {
+    return direct ? static_cast<T*>(base) + row * width : scratch;
+  }
+  template <class T>
+  void finish(int64_t row, const T* scratch, int64_t nrows) const {
+    if (direct) return;
+    for (int64_t r = 0; r < nrows; ++r)
+      store_row<T>(scratch + r * width, static_cast<char*>(base) + (row + r) * width * esize, dtype, width);
+  }
+};
+
+RowsOut rows_out(const at::Tensor& t, at::ScalarType ct) {
+  RowsOut o;
+  o.base = t.data_ptr();
+  o.dtype = t.scalar_type();
+  o.esize = t.element_size();
+  o.width = t.size(-1);
+  o.direct = t.scalar_type() == ct;
+  return o;
 }
 
 struct Options {
@@ -93,7 +174,8 @@ inline int64_t zigzag(int64_t slot, int64_t nblk, bool causal) {
 inline int64_t grain_for(int64_t work_per_task) { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(work_per_task, 1)); }
 
 template <class T>
-void forward_kernel(const Problem<T>& P, const T* q, const T* k, const T* v, T* out, T* stats, int64_t* idx) {
+void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const Mat<T>& v, const RowsOut& out,
+                    T* stats, int64_t* idx) {
   const int64_t R = P.rows, nblk = (P.Nq + R - 1) / R;
   const int64_t ntasks = P.B * P.Hq * nblk;
   const bool want_idx = idx != nullptr;
@@ -102,16 +184,14 @@ void forward_kernel(const Problem<T>& P, const T* q, const T* k, const T* v, T* 
     auto S = buffer<T>(R * P.Nk);
     auto keep01 = buffer<T>(P.dropout ? P.Nk : 0);
     auto factor = buffer<T>(R);
+    auto Obuf = buffer<T>(out.direct ? 0 : R * P.Dv);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nblk, blk = zigzag(t % nblk, nblk, P.causal);
       const int64_t b = bh / P.Hq, h = bh % P.Hq, hk = h / P.G;
       const int64_t i0 = blk * R, i1 = std::min(P.Nq, i0 + R), nr = i1 - i0;
       const int64_t n = P.key_end(i1);
-      const T* Qb = q + (bh * P.Nq + i0) * P.D;
-      const T* Kb = k + (b * P.Hkv + hk) * P.Nk * P.D;
-      const T* Vb = v + (b * P.Hkv + hk) * P.Nk * P.Dv;
-      T* Ob = out + (bh * P.Nq + i0) * P.Dv;
-      gemm<T>(false, true, nr, n, P.D, P.scale, Qb, P.D, Kb, P.D, T(0), S.get(), n);
+      T* Ob = out.template target<T>(bh * P.Nq + i0, Obuf.get());
+      gemm<T>(false, true, nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, k.at(b, hk, 0), k.sn, T(0), S.get(), n);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
         T* s = S.get() + r * n;
@@ -131,12 +211,13 @@ void forward_kernel(const Problem<T>& P, const T* q, const T* k, const T* v, T* 
           ip[1] = st.imax;
         }
       }
-      gemm<T>(false, false, nr, P.Dv, n, T(1), S.get(), n, Vb, P.Dv, T(0), Ob, P.Dv);
+      gemm<T>(false, false, nr, P.Dv, n, T(1), S.get(), n, v.at(b, hk, 0), v.sn, T(0), Ob, P.Dv);
       for (int64_t r = 0; r < nr; ++r) {
         T* o = Ob + r * P.Dv;
         const T f = factor[r];
         for (int64_t d = 0; d < P.Dv; ++d) o[d] *= f;
       }
+      out.template finish<T>(bh * P.Nq + i0, Obuf.get(), nr);
     }
   });
 }
@@ -164,53 +245,97 @@ struct BiasGrad {
   }
 };
 
-struct Grads {
-  bool dq = true, dk = true, dv = true, dbias = false;
+// The accumulator of one key/value head's dk (or dv), rows [0, Nk): the output itself (compute type, one chunk), a
+// per-thread buffer converted into the output when the task ends (half outputs, one chunk), or the chunk's slice
+// of a partial-sum buffer (several chunks, summed afterwards).
+template <class T>
+struct KVGrad {
+  bool on = false;
+  int64_t chunks = 1, width = 0, Nk = 0, BH = 0;
+  T* partial = nullptr;  // chunks > 1: (chunks, B * Hkv, Nk, width)
+  RowsOut out;           // chunks == 1: the (B * Hkv * Nk, width) output
+  bool needs_scratch() const { return on && chunks == 1 && !out.direct; }
+  T* begin(int64_t chunk, int64_t bk, T* scratch) const {
+    if (!on) return nullptr;
+    T* acc = chunks > 1 ? partial + (chunk * BH + bk) * Nk * width : out.target<T>(bk * Nk, scratch);
+    std::fill(acc, acc + Nk * width, T(0));
+    return acc;
+  }
+  void end(int64_t bk, const T* scratch) const {
+    if (on && chunks == 1) out.finish<T>(bk * Nk, scratch, Nk);
+  }
 };
 
 template <class T>
-void backward_kernel(const Problem<T>& P, const T* q, const T* k, const T* v, const T* g, const T* stats,
-                     const int64_t* idx, T* dq, T* dk, T* dv, int64_t chunks, const BiasGrad<T>& db,
-                     const Grads& want) {
+struct Grads {
+  const RowsOut* dq = nullptr;
+  KVGrad<T> dk, dv;
+  bool dbias = false;
+};
+
+// One query block of the backward (rows [i0, i1) of query head h): recompute S and dP, the row math, then the
+// products into dq (rows of the block), and into the task's dk, dv accumulators (keys [0, n)).
+template <class T>
+struct BackwardBuffers {
+  std::unique_ptr<T[]> S, dP, W, keep, dQ, dK, dV;
+};
+
+template <class T>
+void backward_block(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const Mat<T>& v, const Mat<T>& g,
+                    const T* stats, const int64_t* idx, const Grads<T>& out, const BiasGrad<T>& db,
+                    BackwardBuffers<T>& buf, int64_t b, int64_t h, int64_t blk, T* dKb, T* dVb) {
+  const int64_t hk = h / P.G, bh = b * P.Hq + h;
+  const int64_t i0 = blk * P.rows, i1 = std::min(P.Nq, i0 + P.rows), nr = i1 - i0;
+  const int64_t n = P.key_end(i1);
+  T* S = buf.S.get();
+  T* dP = buf.dP.get();
+  T* W = buf.W.get();
+  gemm<T>(false, true, nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, k.at(b, hk, 0), k.sn, T(0), S, n);
+  gemm<T>(false, true, nr, n, P.Dv, T(1), g.at(b, h, i0), g.sn, v.at(b, hk, 0), v.sn, T(0), dP, n);
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = i0 + r;
+    T* s = S + r * n;
+    const bool masked = prepare_row<T>(P, b, h, i, s, n);
+    if (P.dropout) dropout_row<T>(P, b, h, i, P.keep_scale, buf.keep.get(), n);
+    const int64_t* ip = idx == nullptr ? nullptr : idx + (bh * P.Nq + i) * 2;
+    backward_row<T>(P, stats + (bh * P.Nq + i) * 3, ip, s, dP + r * n, W + r * n, n, masked,
+                    P.dropout ? buf.keep.get() : nullptr);
+    if (out.dbias) db.add(b, h, i, s, n);
+  }
+  if (dVb != nullptr) gemm<T>(true, false, n, P.Dv, nr, T(1), W, n, g.at(b, h, i0), g.sn, T(1), dVb, P.Dv);
+  if (out.dq != nullptr) {
+    T* dQb = out.dq->template target<T>(bh * P.Nq + i0, buf.dQ.get());
+    gemm<T>(false, false, nr, P.D, n, P.scale, S, n, k.at(b, hk, 0), k.sn, T(0), dQb, P.D);
+    out.dq->template finish<T>(bh * P.Nq + i0, buf.dQ.get(), nr);
+  }
+  if (dKb != nullptr) gemm<T>(true, false, n, P.D, nr, P.scale, S, n, q.at(b, h, i0), q.sn, T(1), dKb, P.D);
+}
+
+template <class T>
+void backward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const Mat<T>& v, const Mat<T>& g,
+                     const T* stats, const int64_t* idx, const Grads<T>& out, int64_t chunks, const BiasGrad<T>& db) {
   const int64_t R = P.rows, nblk = (P.Nq + R - 1) / R;
   const int64_t ntasks = P.B * P.Hkv * chunks;
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-    auto S = buffer<T>(R * P.Nk), dP = buffer<T>(R * P.Nk), Wb = buffer<T>(R * P.Nk);
-    auto keep = buffer<T>(P.dropout ? P.Nk : 0);
+    BackwardBuffers<T> buf;
+    buf.S = buffer<T>(R * P.Nk);
+    buf.dP = buffer<T>(R * P.Nk);
+    buf.W = buffer<T>(R * P.Nk);
+    buf.keep = buffer<T>(P.dropout ? P.Nk : 0);
+    buf.dQ = buffer<T>(out.dq != nullptr && !out.dq->direct ? R * P.D : 0);
+    buf.dK = buffer<T>(out.dk.needs_scratch() ? P.Nk * P.D : 0);
+    buf.dV = buffer<T>(out.dv.needs_scratch() ? P.Nk * P.Dv : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bk = t / chunks, chunk = t % chunks;
       const int64_t b = bk / P.Hkv, hk = bk % P.Hkv;
-      const T* Kb = k + bk * P.Nk * P.D;
-      const T* Vb = v + bk * P.Nk * P.Dv;
-      T* dKb = dk == nullptr ? nullptr : dk + (chunk * P.B * P.Hkv + bk) * P.Nk * P.D;
-      T* dVb = dv == nullptr ? nullptr : dv + (chunk * P.B * P.Hkv + bk) * P.Nk * P.Dv;
+      T* dKb = out.dk.begin(chunk, bk, buf.dK.get());
+      T* dVb = out.dv.begin(chunk, bk, buf.dV.get());
       const int64_t s0 = chunk * nblk / chunks, s1 = (chunk + 1) * nblk / chunks;
-      for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
-        const int64_t bh = b * P.Hq + h;
-        for (int64_t slot = s0; slot < s1; ++slot) {
-          const int64_t blk = zigzag(slot, nblk, P.causal);
-          const int64_t i0 = blk * R, i1 = std::min(P.Nq, i0 + R), nr = i1 - i0;
-          const int64_t n = P.key_end(i1);
-          const T* Qb = q + (bh * P.Nq + i0) * P.D;
-          const T* Gb = g + (bh * P.Nq + i0) * P.Dv;
-          gemm<T>(false, true, nr, n, P.D, P.scale, Qb, P.D, Kb, P.D, T(0), S.get(), n);
-          gemm<T>(false, true, nr, n, P.Dv, T(1), Gb, P.Dv, Vb, P.Dv, T(0), dP.get(), n);
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t i = i0 + r;
-            T* s = S.get() + r * n;
-            const bool masked = prepare_row<T>(P, b, h, i, s, n);
-            if (P.dropout) dropout_row<T>(P, b, h, i, P.keep_scale, keep.get(), n);
-            const int64_t* ip = idx == nullptr ? nullptr : idx + (bh * P.Nq + i) * 2;
-            backward_row<T>(P, stats + (bh * P.Nq + i) * 3, ip, s, dP.get() + r * n, Wb.get() + r * n, n, masked,
-                            P.dropout ? keep.get() : nullptr);
-            if (want.dbias) db.add(b, h, i, s, n);
-          }
-          if (dVb != nullptr) gemm<T>(true, false, n, P.Dv, nr, T(1), Wb.get(), n, Gb, P.Dv, T(1), dVb, P.Dv);
-          if (dq != nullptr)
-            gemm<T>(false, false, nr, P.D, n, P.scale, S.get(), n, Kb, P.D, T(0), dq + (bh * P.Nq + i0) * P.D, P.D);
-          if (dKb != nullptr) gemm<T>(true, false, n, P.D, nr, P.scale, S.get(), n, Qb, P.D, T(1), dKb, P.D);
-        }
-      }
+      for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h)
+        for (int64_t slot = s0; slot < s1; ++slot)
+          backward_block<T>(P, q, k, v, g, stats, idx, out, db, buf, b, h, zigzag(slot, nblk, P.causal), dKb, dVb);
+      out.dk.end(bk, buf.dK.get());
+      out.dv.end(bk, buf.dV.get());
     }
   });
 }
@@ -241,33 +366,77 @@ Options options(bool causal, double scale, bool normalize, bool detach_range, do
 // Returns {out (B, Hq, Nq, Dv) in q's dtype, stats (B, Hq, Nq, 3) [max, 1/sum, a] in the compute dtype or empty,
 // idx (B, Hq, Nq, 2) int64 [arg-min, arg-max] or empty}. Stats only with need_stats; idx only with need_stats and a
 // differentiated range (normalize and not detach_range).
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& keep,
-                                const OptTensor& madd, const OptTensor& bias, const OptTensor& slopes, bool causal,
-                                double scale, bool normalize, bool detach_range, double eps, double dropout_p,
-                                int64_t seed, int64_t rows, bool need_stats) {
-  pybind11::gil_scoped_release no_gil;
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& keep,
+                  const OptTensor& madd, const OptTensor& bias, const OptTensor& slopes, at::ScalarType ct) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "sa_cpu: q, k, v must be 4-d");
-  const auto ct = compute_type(q);
   check_operand(madd, ct, "attn_mask");
   check_operand(bias, ct, "bias");
   check_operand(slopes, ct, "alibi_slopes");
   if (keep.has_value() && keep->defined())
     TORCH_CHECK(keep->scalar_type() == at::kBool, "sa_cpu: the keep mask must be bool");
-  const at::Tensor qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
+}
+
+// Returns {out (B, Hq, Nq, Dv) in q's dtype, stats (B, Hq, Nq, 3) [max, 1/sum, a] in the compute dtype or empty,
+// idx (B, Hq, Nq, 2) int64 [arg-min, arg-max] or empty}. Stats only with need_stats; idx only with need_stats and a
+// differentiated range (normalize and not detach_range).
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& keep,
+                                const OptTensor& madd, const OptTensor& bias, const OptTensor& slopes, bool causal,
+                                double scale, bool normalize, bool detach_range, double eps, double dropout_p,
+                                int64_t seed, int64_t rows, bool need_stats) {
+  pybind11::gil_scoped_release no_gil;
+  const auto ct = compute_type(q);
+  check_inputs(q, k, v, keep, madd, bias, slopes, ct);
+  const auto ops = compute_operands({q, k, v}, ct);
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Dv = v.size(3);
-  at::Tensor out = at::empty({B, Hq, Nq, Dv}, qc.options());
+  at::Tensor out = at::empty({B, Hq, Nq, Dv}, q.options());
+  const auto copt = q.options().dtype(ct);
   const bool want_idx = need_stats && normalize && !detach_range;
-  at::Tensor stats = need_stats ? at::empty({B, Hq, Nq, 3}, qc.options()) : at::empty({0}, qc.options());
-  at::Tensor idx = want_idx ? at::empty({B, Hq, Nq, 2}, qc.options().dtype(at::kLong))
-                            : at::empty({0}, qc.options().dtype(at::kLong));
+  at::Tensor stats = need_stats ? at::empty({B, Hq, Nq, 3}, copt) : at::empty({0}, copt);
+  at::Tensor idx = want_idx ? at::empty({B, Hq, Nq, 2}, copt.dtype(at::kLong)) : at::empty({0}, copt.dtype(at::kLong));
   const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, seed, rows);
   AT_DISPATCH_FLOATING_TYPES(ct, "sa_cpu_forward", [&] {
-    const auto P = make_problem<scalar_t>(qc, kc, vc, keep, madd, bias, slopes, o);
-    forward_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
-                             out.data_ptr<scalar_t>(), need_stats ? stats.data_ptr<scalar_t>() : nullptr,
+    const auto P = make_problem<scalar_t>(ops[0], ops[1], ops[2], keep, madd, bias, slopes, o);
+    forward_kernel<scalar_t>(P, mat<scalar_t>(ops[0]), mat<scalar_t>(ops[1]), mat<scalar_t>(ops[2]),
+                             rows_out(out, ct), need_stats ? stats.data_ptr<scalar_t>() : nullptr,
                              want_idx ? idx.data_ptr<int64_t>() : nullptr);
   });
-  return {out.to(q.scalar_type()), stats, idx};
+  return {out, stats, idx};
+}
+
+template <class T>
+BiasGrad<T> bias_grad(const at::Tensor& bt, at::Tensor& dbias, int64_t B, int64_t Hkv, int64_t chunks,
+                      int64_t nthreads, const at::TensorOptions& opt) {
+  BiasGrad<T> db;
+  db.shared = (bt.size(0) == 1 && B > 1) || (bt.size(1) == 1 && Hkv > 1) || (bt.size(2) == 1 && chunks > 1);
+  const int64_t copies = db.shared ? nthreads : 1;
+  dbias = at::zeros({copies, bt.size(0), bt.size(1), bt.size(2), bt.size(3)}, opt);
+  db.base = dbias.data_ptr<T>();
+  db.numel = bt.numel();
+  db.nk = bt.size(3);
+  db.sb = bt.size(0) == 1 ? 0 : bt.size(1) * bt.size(2) * bt.size(3);
+  db.sh = bt.size(1) == 1 ? 0 : bt.size(2) * bt.size(3);
+  db.si = bt.size(2) == 1 ? 0 : bt.size(3);
+  return db;
+}
+
+// dk or dv: the output tensor (one chunk) or a partial-sum buffer (several), and its accumulator description.
+template <class T>
+at::Tensor kv_grad(const at::Tensor& like, bool need, int64_t chunks, at::ScalarType ct, KVGrad<T>& g) {
+  if (!need) return at::Tensor();
+  const int64_t B = like.size(0), H = like.size(1), N = like.size(2), X = like.size(3);
+  g.on = true;
+  g.chunks = chunks;
+  g.width = X;
+  g.Nk = N;
+  g.BH = B * H;
+  if (chunks == 1) {
+    at::Tensor t = at::empty({B, H, N, X}, like.options());
+    g.out = rows_out(t, ct);
+    return t;
+  }
+  at::Tensor part = at::empty({chunks, B, H, N, X}, like.options().dtype(ct));
+  g.partial = part.data_ptr<T>();
+  return part;
 }
 
 // Returns {dq, dk, dv, dbias}, each in the dtype of its input (dbias in the bias's 4-d shape), or an empty tensor
@@ -280,58 +449,42 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  bool need_dq, bool need_dk, bool need_dv, bool need_dbias) {
   pybind11::gil_scoped_release no_gil;
   const auto ct = compute_type(q);
+  check_inputs(q, k, v, keep, madd, bias, slopes, ct);
   TORCH_CHECK(stats.scalar_type() == ct && stats.dim() == 4, "sa_cpu: stats must come from sa_cpu.forward");
   const bool range_grad = normalize && !detach_range;
   TORCH_CHECK(!range_grad || idx.dim() == 4, "sa_cpu: the arg-min/arg-max indices are missing");
-  check_operand(madd, ct, "attn_mask");
-  check_operand(bias, ct, "bias");
-  check_operand(slopes, ct, "alibi_slopes");
   need_dbias = need_dbias && bias.has_value() && bias->defined();
-  const at::Tensor qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
-  const at::Tensor gc = grad_out.to(ct).contiguous(), sc = stats.contiguous();
-  const at::Tensor ic = range_grad ? idx.contiguous() : idx;
-  const int64_t B = q.size(0), Hkv = k.size(1), Nk = k.size(2), D = q.size(3), Dv = v.size(3);
+  const auto ops = compute_operands({q, k, v, grad_out}, ct);
+  const at::Tensor sc = stats.contiguous(), ic = range_grad ? idx.contiguous() : idx;
+  const int64_t B = q.size(0), Hkv = k.size(1);
   const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, seed, rows);
   const int64_t nthreads = at::get_num_threads();
   const int64_t nblk = (q.size(2) + std::max<int64_t>(rows, 1) - 1) / std::max<int64_t>(rows, 1);
   // fewer (batch, kv-head) tasks than threads: split the query blocks into chunks with their own dk/dv sums
   const int64_t chunks = B * Hkv >= nthreads ? 1 : std::min(nblk, (nthreads + B * Hkv - 1) / (B * Hkv));
-  at::Tensor dq = need_dq ? at::empty_like(qc) : at::Tensor();
-  at::Tensor dk = need_dk ? at::zeros({chunks, B, Hkv, Nk, D}, qc.options()) : at::Tensor();
-  at::Tensor dv = need_dv ? at::zeros({chunks, B, Hkv, Nk, Dv}, qc.options()) : at::Tensor();
-  at::Tensor dbias;
+  at::Tensor dq = need_dq ? at::empty(q.sizes(), q.options()) : at::Tensor();
+  at::Tensor dk, dv, dbias;
   AT_DISPATCH_FLOATING_TYPES(ct, "sa_cpu_backward", [&] {
-    const auto P = make_problem<scalar_t>(qc, kc, vc, keep, madd, bias, slopes, o);
+    const auto P = make_problem<scalar_t>(ops[0], ops[1], ops[2], keep, madd, bias, slopes, o);
+    Grads<scalar_t> out;
+    const RowsOut dq_rows = need_dq ? rows_out(dq, ct) : RowsOut();
+    out.dq = need_dq ? &dq_rows : nullptr;
+    dk = kv_grad<scalar_t>(k, need_dk, chunks, ct, out.dk);
+    dv = kv_grad<scalar_t>(v, need_dv, chunks, ct, out.dv);
+    out.dbias = need_dbias;
     BiasGrad<scalar_t> db;
-    if (need_dbias) {
-      const auto& bt = *bias;
-      db.shared = (bt.size(0) == 1 && B > 1) || (bt.size(1) == 1 && Hkv > 1) || (bt.size(2) == 1 && chunks > 1);
-      const int64_t copies = db.shared ? nthreads : 1;
-      dbias = at::zeros({copies, bt.size(0), bt.size(1), bt.size(2), bt.size(3)}, qc.options());
-      db.base = dbias.data_ptr<scalar_t>();
-      db.numel = bt.numel();
-      db.nk = bt.size(3);
-      db.sb = bt.size(0) == 1 ? 0 : bt.size(1) * bt.size(2) * bt.size(3);
-      db.sh = bt.size(1) == 1 ? 0 : bt.size(2) * bt.size(3);
-      db.si = bt.size(2) == 1 ? 0 : bt.size(3);
-    }
-    Grads want;
-    want.dq = need_dq;
-    want.dk = need_dk;
-    want.dv = need_dv;
-    want.dbias = need_dbias;
-    backward_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
-                              gc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
-                              range_grad ? ic.data_ptr<int64_t>() : nullptr,
-                              need_dq ? dq.data_ptr<scalar_t>() : nullptr, need_dk ? dk.data_ptr<scalar_t>() : nullptr,
-                              need_dv ? dv.data_ptr<scalar_t>() : nullptr, chunks, db, want);
+    if (need_dbias) db = bias_grad<scalar_t>(*bias, dbias, B, Hkv, chunks, nthreads, ops[0].options());
+    backward_kernel<scalar_t>(P, mat<scalar_t>(ops[0]), mat<scalar_t>(ops[1]), mat<scalar_t>(ops[2]),
+                              mat<scalar_t>(ops[3]), sc.data_ptr<scalar_t>(),
+                              range_grad ? ic.data_ptr<int64_t>() : nullptr, out, chunks, db);
   });
-  auto finish = [](const at::Tensor& t, at::ScalarType dt) {
-    if (!t.defined()) return at::empty({0}, at::TensorOptions().dtype(dt));
-    return (t.size(0) == 1 ? t[0] : t.sum(0)).to(dt);
+  auto reduce = [&](const at::Tensor& t, at::ScalarType dt) {
+    if (!t.defined()) return at::empty({0}, q.options());
+    return t.dim() == 5 ? t.sum(0).to(dt) : t;
   };
-  return {need_dq ? dq.to(q.scalar_type()) : at::empty({0}, q.options()), finish(dk, k.scalar_type()),
-          finish(dv, v.scalar_type()), need_dbias ? finish(dbias, bias->scalar_type()) : at::empty({0}, q.options())};
+  return {need_dq ? dq : at::empty({0}, q.options()), reduce(dk, k.scalar_type()), reduce(dv, v.scalar_type()),
+          need_dbias ? (dbias.size(0) == 1 ? dbias[0] : dbias.sum(0)).to(bias->scalar_type())
+                     : at::empty({0}, q.options())};
 }
 
 std::string capability() {
