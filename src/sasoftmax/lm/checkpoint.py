@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils import atomic_write
+from ..utils import atomic_write, fsync_dir
 
 __all__ = [
     "CheckpointError",
@@ -332,7 +332,7 @@ def save_sharded(directory: str | os.PathLike, step: int, model: nn.Module, opt:
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
-        _fsync_parent(final)
+        fsync_dir(final.parent)
         prune(directory, keep)
     dist.barrier()
     return final
@@ -357,19 +357,6 @@ def _single_process_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-
-
-def _fsync_parent(path: Path) -> None:
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ training state
