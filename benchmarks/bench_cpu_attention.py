@@ -3,7 +3,8 @@
 Time: every implementation runs in this one process, alternately (SA, SA plain, SDPA, eager, SA, SA plain, ...),
 forward+backward and forward alone (no grad), ``--reps`` rounds after a warm-up; medians are reported with the
 ratios to SDPA. Memory: each (implementation, N) runs one forward+backward in a fresh subprocess whose peak resident
-memory is read from the OS (``ru_maxrss`` minus the resident size once the inputs exist).
+memory is read from the OS (the high-water mark VmHWM minus the resident size once the inputs exist and the
+implementation's libraries are loaded).
 
     python benchmarks/bench_cpu_attention.py                              # B=2, H=8, D=64, fp32, not causal
     python benchmarks/bench_cpu_attention.py --causal --dtype bfloat16 --out results.md
@@ -106,19 +107,28 @@ def time_alternating(n: int, impls: list[str], args) -> dict[str, dict[str, floa
     return out
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (e.g. VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _memory_worker(impl: str, n: int, args) -> dict:
-    import resource
-
+    """Peak resident memory of one forward+backward above what the process holds before it. A tiny call first loads
+    the libraries the implementation uses (MKL, the kernel, ...), so that their one-off memory is not counted; the
+    high-water mark is then reset (``/proc/self/clear_refs``) and read back (VmHWM, which, unlike ``ru_maxrss``, is
+    not inherited from the parent process)."""
+    tiny = _inputs(16, args, grad=True)
+    _fwd_bwd(impl, *tiny, args.causal)
     q, k, v, g = _inputs(n, args, grad=True)
-    base = _rss_bytes()
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     _fwd_bwd(impl, q, k, v, g, args.causal)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"impl": impl, "n": n, "peak_bytes": max(peak, 0)}
+    return {"impl": impl, "n": n, "peak_bytes": max(_status_bytes("VmHWM") - base, 0)}
 
 
 def peak_memory(impl: str, n: int, args) -> float | None:
