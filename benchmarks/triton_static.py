@@ -19,7 +19,8 @@ The last line of the output is a JSON list of records ``{"kernel", "dtype", "D",
 "spill_bytes", "shared_bytes", "dots_per_iter"}``.
 
 ``--sweep KIND`` compiles candidate configurations of one kernel kind ("fwd", "kv", "kv_det", "dq") instead, to
-choose the launcher's table (``GPU_CONFIGS`` in ``triton_backend.py``).
+choose the launcher's table (``GPU_CONFIGS`` in ``triton_backend.py``). ``--render FILE`` prints a saved report's
+JSON as markdown tables (the form recorded in ``docs/triton.md``).
 
 Usage: ``python benchmarks/triton_static.py [--dtypes bf16,fp16] [--dims 64,128,256] [--features ...] [--jobs 2]``.
 """
@@ -66,6 +67,30 @@ SWEEP: dict[str, list[tuple[int, int, int, int]]] = {
            (64, 32, 4, 2), (32, 32, 4, 2)],
 }
 SWEEP["kv_det"] = SWEEP["kv"]
+SWEEP_DROPOUT_128 = [(16, 128, 8, 2), (16, 128, 8, 1), (16, 128, 8, 3), (16, 64, 4, 2), (16, 64, 8, 2),
+                     (32, 64, 8, 2)]
+# head dim 256: small tiles only (the accumulators alone are BLOCK x 256 float32)
+SWEEP_256: dict[str, list[tuple[int, int, int, int]]] = {
+    "fwd": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 1)],
+    "kv": [(16, 64, 8, 1), (16, 64, 8, 2), (16, 32, 4, 2), (32, 64, 8, 1), (16, 32, 4, 1), (32, 32, 8, 2)],
+    "dq": [(64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (64, 64, 8, 1)],
+}
+SWEEP_256["kv_det"] = SWEEP_256["kv"]
+# float32 (exact FMA products, no tensor cores): candidates for every head dim
+SWEEP_FP32: dict[str, list[tuple[int, int, int, int]]] = {
+    "fwd": [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2), (64, 64, 8, 2), (16, 32, 4, 1)],
+    "kv": [(32, 64, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 1)],
+    "dq": [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 1)],
+}
+SWEEP_FP32["kv_det"] = SWEEP_FP32["kv"]
+
+
+def _candidates(kind: str, dtype: str, D: int) -> list[tuple[int, int, int, int]]:
+    if dtype == "fp32":
+        return SWEEP_FP32[kind]
+    if os.environ.get("SWEEP_DROPOUT_128") and D == 128:
+        return SWEEP_DROPOUT_128
+    return (SWEEP_256 if D > 128 else SWEEP)[kind]
 
 
 def _record(dtype_name: str, D: int, features: str, override: tuple[str, int, tuple] | None = None) -> list:
@@ -198,7 +223,8 @@ def _compile(fn, args: list, kwargs: dict) -> dict:
 def _config_of(kwargs: dict) -> str:
     bm, bn = kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N")
     tile = f"{bm}x{bn}" if bn is not None else f"{bm}"
-    return f"{tile} w{kwargs.get('num_warps')} s{kwargs.get('num_stages', 3)}"
+    stages = f" s{kwargs['num_stages']}" if "num_stages" in kwargs else ""
+    return f"{tile} w{kwargs.get('num_warps')}{stages}"
 
 
 def _job(job: tuple) -> list[dict]:
@@ -239,6 +265,52 @@ def _line(rec: dict) -> str:
             f"{'-' if _target(rec) is None else 'MISS: ' + _target(rec)}")
 
 
+def render(records: list[dict]) -> str:
+    """Markdown: one table per dtype, a row per (kernel, head dim), ``regs/spill bytes`` per feature set, the
+    configuration, the products per iteration and the largest shared memory over the feature sets."""
+    out = []
+    order = list(KERNEL_NAMES.values())
+    for dtype in dict.fromkeys(r["dtype"] for r in records):
+        recs = [r for r in records if r["dtype"] == dtype]
+        feats = [f for f in FEATURES if any(r["features"] == f for r in recs)]
+        out += [f"**{dtype}** (cells: registers / spill bytes)", "",
+                "| kernel | D | config | dots | " + " | ".join(feats) + " | max shared bytes |",
+                "|:---|---:|:---|:---:|" + "---:|" * len(feats) + "---:|"]
+        keys = sorted({(r["kernel"], r["D"]) for r in recs}, key=lambda kd: (order.index(kd[0]), kd[1]))
+        for kernel, D in keys:
+            cell = {r["features"]: r for r in recs if r["kernel"] == kernel and r["D"] == D}
+            any_rec = next(iter(cell.values()))
+            dots = sorted({r.get("dots_per_iter") for r in cell.values()} - {None})
+            cells = ["-" if f not in cell else ("error" if cell[f].get("error") else
+                                                f"{cell[f]['regs']} / {cell[f]['spill_bytes']}") for f in feats]
+            shared = max((r.get("shared_bytes") or 0) for r in cell.values())
+            out.append(f"| {kernel} | {D} | {any_rec['config']} | {', '.join(map(str, dots))} | "
+                       + " | ".join(cells) + f" | {shared} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def configs_markdown() -> str:
+    """The launcher's configurations (``GPU_CONFIGS``, ``GPU_CONFIGS_FP32``, row kernels) as a markdown table."""
+    from sasoftmax.attention import triton_backend as tb
+
+    def fmt(cfg: tuple[int, int, int, int]) -> str:
+        bm, bn, w, st = cfg
+        return f"{bm}×{bn}, {w} warps, {st} stage{'s' if st != 1 else ''}"
+
+    head = "| kernel (BLOCK_M × BLOCK_N) | " + " | ".join(
+        f"{dt} D={d}" for dt in ("bf16/fp16", "fp32") for d in (64, 128, 256)) + " |"
+    lines = [head, "|:---|" + "---:|" * 6]
+    names = {"fwd": "sa_fwd", "kv": "sa_bwd_kv (fast)", "kv_det": "sa_bwd_kv (deterministic)",
+             "dq": "sa_bwd_dq (deterministic)"}
+    for kind, name in names.items():
+        cells = [fmt(table[kind][d]) for table in (tb.GPU_CONFIGS, tb.GPU_CONFIGS_FP32) for d in (64, 128, 256)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = [f"{tb.row_block(d)} rows, {tb.ROW_WARPS} warps" for d in (64, 128, 256)]
+    lines.append("| sa_bwd_pre, sa_bwd_post | " + " | ".join(rows + rows) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="bf16,fp16", help="comma separated: bf16, fp16, fp32")
@@ -248,7 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="compile processes")
     ap.add_argument("--sweep", default="", help="compile the candidate configurations of one kernel kind")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    ap.add_argument("--render", default="", metavar="FILE",
+                    help="print the markdown summary of a saved report (its last line, the JSON list) and exit")
+    ap.add_argument("--configs", action="store_true", help="print the launcher's configurations (markdown) and exit")
     args = ap.parse_args(argv)
+    if args.configs:
+        print(configs_markdown())
+        return 0
+    if args.render:
+        with open(args.render) as fh:
+            last = [line for line in fh.read().splitlines() if line.startswith("[")][-1]
+        print(render(json.loads(last)))
+        return 0
     dtypes = [d for d in args.dtypes.split(",") if d]
     dims = [int(d) for d in args.dims.split(",") if d]
     features = [f for f in args.features.split(",") if f]
@@ -258,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in args.kernels.split(",") if k]
     if args.sweep:
         kinds = [args.sweep]
-        jobs = [(dt, D, fs, kinds, (args.sweep, D, cfg)) for cfg in SWEEP[args.sweep] for dt in dtypes
-                for D in dims for fs in features]
+        jobs = [(dt, D, fs, kinds, (args.sweep, D, cfg)) for D in dims for dt in dtypes
+                for cfg in _candidates(args.sweep, dt, D) for fs in features]
     else:
         jobs = [(dt, D, fs, kinds, None) for dt in dtypes for D in dims for fs in features]
 

@@ -19,8 +19,12 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from sasoftmax.attention import api  # noqa: E402
 from sasoftmax.attention import triton_backend as tb  # noqa: E402
+from sasoftmax.attention import triton_kernels as tk  # noqa: E402
 from sasoftmax.attention.api import sa_attention, sa_attention_with_weights  # noqa: E402
 from sasoftmax.attention.inputs import prepare  # noqa: E402
 from sasoftmax.attention.triton_backend import triton_attention, unsupported_reason  # noqa: E402
@@ -368,6 +372,28 @@ def test_dropout_seed_halves_with_top_bit(monkeypatch: pytest.MonkeyPatch) -> No
     w = sa_attention_with_weights(q.double(), k.double(), v.double())[1]
     want = (w * keep.double() / 0.6) @ v.double()
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@triton.jit
+def _keep_kernel(Out, row0, Nk, seed_lo, seed_hi, thr, BR: tl.constexpr, BC: tl.constexpr):
+    rows = row0 + tl.arange(0, BR).to(tl.int64)
+    cols = tl.arange(0, BC)
+    keep = tk._dropout_keep(rows[:, None], cols[None, :], Nk, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), thr)
+    tl.store(Out + tl.arange(0, BR)[:, None] * BC + cols[None, :], keep.to(tl.int8))
+
+
+def test_dropout_hash_carries_across_2_32() -> None:
+    """The kernels' 32-bit split of the flat score index (per-row base plus a carry) equals the 64-bit index of
+    :func:`keep_mask` where the index crosses 2^32 in the middle of a row (Nk = 8191, row 524352 starts at
+    2^32 - 64)."""
+    from sasoftmax.attention.dropout import keep_mask
+
+    seed, p, nq, nk, r0 = (0x12345678 << 32) | 0x9ABCDEF1, 0.5, 2**20, 8191, 524350
+    out = torch.empty(4, 8192, dtype=torch.int8, device=DEVICE)
+    _keep_kernel[(1,)](out, r0, nk, seed & 0xFFFFFFFF, seed >> 32, int(p * 2**32) | 1 << 32, BR=4, BC=8192)
+    want = keep_mask(seed, p, 1, 1, nq, nk, r0, r0 + 4, torch.device(DEVICE))[0, 0]
+    assert torch.equal(out[:, :nk].bool(), want)
+    assert (r0 + 2) * nk < 2**32 < (r0 + 2) * nk + nk  # the third row wraps
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU dispatch")

@@ -86,24 +86,34 @@ def deterministic() -> bool:
 # key/value kernel of the fast / deterministic path (BLOCK_N keys per program, BLOCK_M queries per iteration).
 GPU_CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
     "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
-    "kv": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (32, 32, 8, 2)},
+    "kv": {64: (32, 128, 8, 2), 128: (16, 64, 8, 2), 256: (32, 32, 8, 2)},
     "kv_det": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (32, 32, 8, 2)},
     "dq": {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 32, 4, 2)},
 }
-# float32 inputs use exact (non-tensor-core) products, which need more registers and shared memory: smaller tiles.
+# float32 inputs use exact (non-tensor-core) products, which need more registers and shared memory: smaller tiles
+# (chosen the same way for the common training case; several still spill, float32 has no spill target).
 GPU_CONFIGS_FP32: dict[str, dict[int, tuple[int, int, int, int]]] = {
-    "fwd": {64: (64, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)},
-    "kv": {64: (32, 64, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 1)},
-    "kv_det": {64: (32, 64, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 1)},
-    "dq": {64: (64, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)},
+    "fwd": {64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (64, 32, 8, 2)},
+    "kv": {64: (16, 32, 8, 2), 128: (16, 32, 8, 2), 256: (16, 16, 4, 1)},
+    "kv_det": {64: (32, 64, 8, 2), 128: (16, 32, 8, 2), 256: (16, 32, 8, 2)},
+    "dq": {64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (32, 32, 8, 2)},
 }
-# the small row kernels (Delta / dq conversion and range correction): (BLOCK_M, num_warps)
-ROW_CONFIG: tuple[int, int] = (64, 4)
+# the small row kernels (Delta; dq conversion and range correction): BLOCK_M rows of ROW_ELEMENTS / head dim, 4 warps
+# (64 rows at D = 64; fewer at larger D, where the gathers, atomics and their addresses would spill)
+ROW_ELEMENTS = 4096
+ROW_WARPS = 4
+
+
+def row_block(bd: int) -> int:
+    """Rows per program of the row kernels at padded head dim ``bd`` on the GPU."""
+    return max(16, min(64, ROW_ELEMENTS // bd))
+# the autotuner's candidates (GPU, SASOFTMAX_TRITON_AUTOTUNE=1): the static choices, larger tiles that spill a little,
+# smaller ones; above head dim 128 only tiles of at most 64 x 64 are kept
 AUTOTUNE_CANDIDATES: dict[str, list[tuple[int, int, int, int]]] = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-    "kv": [(32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
-    "kv_det": [(32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
-    "dq": [(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
+    "kv": [(32, 128, 8, 2), (16, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2), (32, 32, 8, 2)],
+    "kv_det": [(32, 128, 8, 2), (16, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2), (64, 128, 8, 2), (32, 32, 8, 2)],
+    "dq": [(128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 2)],
 }
 
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -145,13 +155,13 @@ def launch_plan(B: int, H: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: int, dty
     kv = gpu_config("kv_det" if deterministic else "kv", bd, dtype)
     plan = {
         "sa_fwd": launch_grid(Nq, fwd[0], B * H),
-        "sa_bwd_pre": launch_grid(Nq, ROW_CONFIG[0], B * H),
+        "sa_bwd_pre": launch_grid(Nq, row_block(bd), B * H),
         "sa_bwd_kv": launch_grid(Nk, kv[1], B * Hkv),
     }
     if deterministic:
         plan["sa_bwd_dq"] = launch_grid(Nq, gpu_config("dq", bd, dtype)[0], B * H)
     else:
-        plan["sa_bwd_post"] = launch_grid(Nq, ROW_CONFIG[0], B * H)
+        plan["sa_bwd_post"] = launch_grid(Nq, row_block(bd), B * H)
     return plan
 
 
@@ -216,10 +226,10 @@ def _launch(kind: str, fn: Any, rows: int, programs: int, bd: int, dtype: torch.
     _run(kind, fn, launch_grid(rows, opts[block_key], programs), args, {**consts, **opts})
 
 
-def _row_opts() -> dict[str, int]:
+def _row_opts(bd: int) -> dict[str, int]:
     if INTERPRET:
         return {"BLOCK_M": 2 * _INTERPRET_BLOCK}
-    return {"BLOCK_M": ROW_CONFIG[0], "num_warps": ROW_CONFIG[1]}
+    return {"BLOCK_M": row_block(bd), "num_warps": ROW_WARPS}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -459,11 +469,11 @@ def _bwd_op(grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, 
         dbuf, sdb, db_bm, db_bn, db_atomic = dummy, [0, 0, 0, 0], False, False, False
 
     with _device_guard(q):
-        _run("pre", _tk.sa_bwd_pre, launch_grid(Nq, _row_opts()["BLOCK_M"], B * H), [
+        _run("pre", _tk.sa_bwd_pre, launch_grid(Nq, _row_opts(bd)["BLOCK_M"], B * H), [
             out, out_lo if out_lo.numel() else out, grad_out, delta, dq_acc, row_a, row_b,
             *out.stride(), *grad_out.stride(), H, Nq, D, Dv,
         ], dict(HAS_LO=out_lo.numel() > 0, ZERO_DQ=fast_dq, ZERO_ROWS=range_grad and not det,
-                BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), **_row_opts()))
+                BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), **_row_opts(bd)))
         if det and (need_dq or (range_grad and need_kv)):
             _launch("dq", _tk.sa_bwd_dq, Nq, B * H, bd, q.dtype, [
                 q, k, v, grad_out, rowm, rowl, delta, ra, rb, rc, imin, imax, da, db, dq if need_dq else dummy,
@@ -482,13 +492,13 @@ def _bwd_op(grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, 
             ], dict(common, BIAS_GRAD=need_bias, DB_BCAST_M=db_bm, DB_BCAST_N=db_bn, DB_ATOMIC=db_atomic,
                     ATOMIC_DQ=not det, NEED_DQ=fast_dq, NEED_KV=need_kv))
         if not det and (fast_dq or (range_grad and (need_dk or need_bias))):
-            _run("post", _tk.sa_bwd_post, launch_grid(Nq, _row_opts()["BLOCK_M"], B * H), [
+            _run("post", _tk.sa_bwd_post, launch_grid(Nq, _row_opts(bd)["BLOCK_M"], B * H), [
                 q, k, dq_acc, dq if need_dq else dummy, dk if need_kv else dummy, dbuf, delta, ra, rb, rc, imin,
                 imax, row_a, row_b,
                 *q.stride(), *k.stride(), *(dq.stride() if need_dq else (0, 0, 0, 0)),
                 *(dk.stride() if need_kv else (0, 0, 0, 0)), *sdb, H, G, Nq, D, scale,
             ], dict(RANGE_GRAD=range_grad, NEED_DQ=need_dq, NEED_DK=need_dk and range_grad, BIAS_GRAD=need_bias,
-                    BLOCK_D=block_dim(D), **_row_opts()))
+                    BLOCK_D=block_dim(D), **_row_opts(bd)))
     if need_kv and dk.dtype != k.dtype:
         dk = dk.to(k.dtype)
     dbias = _bias_grad_finish(dbuf, bias, det) if need_bias else _empty(q)
@@ -539,13 +549,14 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _seed_tensor(inp: AttentionInputs) -> Tensor:
     """The dropout seed as a one-element int64 tensor on the input's device, drawn exactly like
     :func:`sasoftmax.attention.dropout.draw_seed` (same generator, same value), but without ``.item()``: no host
-    synchronization, and traceable."""
+    synchronization (the copy of a CPU-drawn seed is non-blocking: a pageable 8-byte source is staged by the host
+    and the copy never waits for the device), and traceable."""
     gen = inp.generator
     if gen is not None and gen.device.type != "cpu":
         seed = torch.randint(0, 2**62, (1,), generator=gen, device=gen.device)
     else:
         seed = torch.randint(0, 2**62, (1,), generator=gen)
-    return seed.to(inp.q.device)
+    return seed.to(inp.q.device, non_blocking=True)
 
 
 def triton_attention(inp: AttentionInputs) -> Tensor:
