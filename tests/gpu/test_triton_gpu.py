@@ -157,5 +157,5 @@ def test_no_quadratic_memory() -> None:
     out.sum().backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    # O(N D): the output, its rounding residual, float32 dq/dk accumulators, the gradients; N^2 would be 256x more
+    # O(N D): the output, float32 dq/dk accumulators, the gradients; N^2 would be 256x more
     assert extra < 64 * B * H * N * D, f"peak extra memory {extra} bytes looks quadratic"

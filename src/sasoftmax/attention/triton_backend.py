@@ -326,10 +326,10 @@ def _empty(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? keep, Tensor? mask_add, Tensor? bias, Tensor? slopes, Tensor? seed, "
     "bool is_causal, float scale, bool normalize, bool range_grad, float eps, float dropout_p, bool need_grad, "
-    "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
-    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor out_lo, Tensor rowm, Tensor rowl, "
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor rowm, Tensor rowl, "
     "Tensor ra, Tensor rb, Tensor rc, Tensor imin, Tensor imax, Tensor? keep, Tensor? mask_add, Tensor? bias, "
     "Tensor? slopes, Tensor? seed, bool is_causal, float scale, bool normalize, bool range_grad, float eps, "
     "float dropout_p, bool need_dq, bool need_dk, bool need_dv, bool need_dbias, bool deterministic) -> "
@@ -337,18 +337,11 @@ _BWD_SCHEMA = (
 )
 
 
-def _write_lo(q: Tensor, need_grad: bool) -> bool:
-    # half inputs that need a gradient: the forward also writes the output's rounding residual, so that the
-    # backward's Delta = g . o is as accurate as with a float32 output (the SA factor amplifies its error)
-    return need_grad and q.dtype != torch.float32
-
-
 def _fwd_shapes(q, k, v, normalize, range_grad, need_grad):
     B, H, Nq, _ = q.shape
     Dv = v.shape[3]
     return (
         (B, H, Nq, Dv),
-        (B, H, Nq, Dv) if _write_lo(q, need_grad) else (0,),
         (B, H, Nq),
         (B, H, Nq) if normalize else (0,),
         (B, H, Nq) if range_grad else (0,),
@@ -361,10 +354,8 @@ def _fwd_op(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, norma
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     dev = q.device
-    s_out, s_lo, s_row, s_norm, s_idx = _fwd_shapes(q, k, v, normalize, range_grad, need_grad)
+    s_out, s_row, s_norm, s_idx = _fwd_shapes(q, k, v, normalize, range_grad, need_grad)
     out = torch.empty(s_out, dtype=q.dtype, device=dev)
-    write_lo = _write_lo(q, need_grad)
-    out_lo = torch.empty(s_lo, dtype=q.dtype, device=dev)
     rowm, rowl = (torch.empty(s_row, dtype=torch.float32, device=dev) for _ in range(2))
     ra, rb, rc = (torch.empty(s_norm, dtype=torch.float32, device=dev) for _ in range(3))
     imin, imax = (torch.empty(s_idx, dtype=torch.int32, device=dev) for _ in range(2))
@@ -373,23 +364,23 @@ def _fwd_op(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, norma
     bd = max(block_dim(D), block_dim(Dv))
     with _device_guard(q):
         _launch("fwd", _tk.sa_fwd, Nq, B * H, bd, q.dtype, [
-            q, k, v, out, out if not write_lo else out_lo, rowm, rowl, ra if normalize else dummy,
+            q, k, v, out, rowm, rowl, ra if normalize else dummy,
             rb if normalize else dummy, rc if normalize else dummy, imin if range_grad else dummy,
             imax if range_grad else dummy, *ex_args, dummy if seed is None else seed,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ex_strides,
             H, H // Hkv, Nq, Nk, D, Dv, scale, eps, _n_bucket(Nq, Nk), *_dropout_args(dropout_p),
         ], dict(IS_CAUSAL=is_causal, NORMALIZE=normalize, RANGE_GRAD=range_grad, HAS_DROPOUT=seed is not None,
-                WRITE_LO=write_lo, DOT_PREC=_dot_prec(q.dtype), BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv),
+                DOT_PREC=_dot_prec(q.dtype), BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv),
                 **ex_flags))
-    return out, out_lo, rowm, rowl, ra, rb, rc, imin, imax
+    return out, rowm, rowl, ra, rb, rc, imin, imax
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, normalize, range_grad, eps, dropout_p,
               need_grad, deterministic):
-    s_out, s_lo, s_row, s_norm, s_idx = _fwd_shapes(q, k, v, normalize, range_grad, need_grad)
+    s_out, s_row, s_norm, s_idx = _fwd_shapes(q, k, v, normalize, range_grad, need_grad)
     f32, i32 = torch.float32, torch.int32
-    return (q.new_empty(s_out), q.new_empty(s_lo), q.new_empty(s_row, dtype=f32), q.new_empty(s_row, dtype=f32),
+    return (q.new_empty(s_out), q.new_empty(s_row, dtype=f32), q.new_empty(s_row, dtype=f32),
             q.new_empty(s_norm, dtype=f32),
             q.new_empty(s_norm, dtype=f32), q.new_empty(s_norm, dtype=f32), q.new_empty(s_idx, dtype=i32),
             q.new_empty(s_idx, dtype=i32))
@@ -421,7 +412,7 @@ def _bias_grad_finish(buf: Tensor, bias: Tensor, det: bool) -> Tensor:
 
 
 @torch.library.custom_op("sasoftmax::triton_sa_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _bwd_op(grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
+def _bwd_op(grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
             is_causal, scale, normalize, range_grad, eps, dropout_p, need_dq, need_dk, need_dv, need_dbias,
             deterministic):
     B, H, Nq, D = q.shape
@@ -470,9 +461,9 @@ def _bwd_op(grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, 
 
     with _device_guard(q):
         _run("pre", _tk.sa_bwd_pre, launch_grid(Nq, _row_opts(bd)["BLOCK_M"], B * H), [
-            out, out_lo if out_lo.numel() else out, grad_out, delta, dq_acc, row_a, row_b,
+            out, grad_out, delta, dq_acc, row_a, row_b,
             *out.stride(), *grad_out.stride(), H, Nq, D, Dv,
-        ], dict(HAS_LO=out_lo.numel() > 0, ZERO_DQ=fast_dq, ZERO_ROWS=range_grad and not det,
+        ], dict(ZERO_DQ=fast_dq, ZERO_ROWS=range_grad and not det,
                 BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), **_row_opts(bd)))
         if det and (need_dq or (range_grad and need_kv)):
             _launch("dq", _tk.sa_bwd_dq, Nq, B * H, bd, q.dtype, [
@@ -506,7 +497,7 @@ def _bwd_op(grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, 
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
+def _bwd_fake(grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
               is_causal, scale, normalize, range_grad, eps, dropout_p, need_dq, need_dk, need_dv, need_dbias,
               deterministic):
     return (q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if need_dk else (0,)),
@@ -518,20 +509,20 @@ def _bwd_fake(grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax
 def _setup_context(ctx, inputs, output) -> None:
     (q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, normalize, range_grad, eps, dropout_p,
      need_grad, det) = inputs
-    out, out_lo, rowm, rowl, ra, rb, rc, imin, imax = output
-    ctx.save_for_backward(q, k, v, keep, mask_add, bias, slopes, seed, out, out_lo, rowm, rowl, ra, rb, rc, imin,
+    out, rowm, rowl, ra, rb, rc, imin, imax = output
+    ctx.save_for_backward(q, k, v, keep, mask_add, bias, slopes, seed, out, rowm, rowl, ra, rb, rc, imin,
                           imax)
     ctx.flags = (is_causal, scale, normalize, range_grad, eps, dropout_p, det)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out, *_unused):
-    q, k, v, keep, mask_add, bias, slopes, seed, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax = ctx.saved_tensors
+    q, k, v, keep, mask_add, bias, slopes, seed, out, rowm, rowl, ra, rb, rc, imin, imax = ctx.saved_tensors
     is_causal, scale, normalize, range_grad, eps, dropout_p, det = ctx.flags
     need = ctx.needs_input_grad
     need_db = bool(need[5]) and ctx.has_bias
     dq, dk, dv, dbias = torch.ops.sasoftmax.triton_sa_bwd(
-        grad_out, q, k, v, out, out_lo, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
+        grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
         is_causal, scale, normalize, range_grad, eps, dropout_p, bool(need[0]), bool(need[1]), bool(need[2]),
         need_db, det,
     )

@@ -15,8 +15,7 @@ brackets.
   max ``m``, sum ``l``, minimum and, for the range gradient, the arg-min/arg-max key); pass 2 [2] computes the exact
   weights ``w = (s - a) c exp(s - m) / l`` and one accumulator ``acc += w V`` (no rescaling, no cancellation: the
   arg-min key's weight is exactly 0). Exponentials are ``exp2`` with ``log2 e`` folded into the max subtraction.
-  Writes the output in the input dtype (and, for half inputs that need a gradient, the rounding residual
-  ``o - round(o)`` so that the backward's ``Delta`` is accurate) and per row ``m log2 e``, ``1 / l``, ``a``, ``b``,
+  Writes the output in the input dtype and per row ``m log2 e``, ``1 / l``, ``a``, ``b``,
   ``c`` (and the arg-min/arg-max key).
 * ``sa_bwd_pre``: ``Delta = rowsum(dO * O)`` in float32; zeroes the ``dq`` accumulator (fast path).
 * ``sa_bwd_kv``: one program per (block of ``BLOCK_N`` keys, batch * key/value head), looping over the ``G`` query
@@ -329,7 +328,7 @@ def _fwd_acc_tile(
 
 @triton.jit(do_not_specialize=_DROPOUT_ARGS)
 def sa_fwd(
-    Q, K, V, Out, OutLo, RowM, RowL, RangeA, RangeB, RangeC, IdxMin, IdxMax,
+    Q, K, V, Out, RowM, RowL, RangeA, RangeB, RangeC, IdxMin, IdxMax,
     Keep, MaskAdd, Bias, Slopes, Seed,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
@@ -342,7 +341,7 @@ def sa_fwd(
     H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WRITE_LO: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m, pid_bh = _split_pid(tl.program_id(0), Nq, BLOCK_M, IS_CAUSAL)
@@ -440,10 +439,7 @@ def sa_fwd(
     tl.store(RowL + stat, il, mask=row_ok)
     o_off = off_b * so_b + off_h * so_h + offs_m[:, None] * so_m + offs_dv[None, :] * so_d
     o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
-    o_out = o.to(Out.dtype.element_ty)
-    tl.store(Out + o_off, o_out, mask=o_mask)
-    if WRITE_LO:  # what rounding to the output dtype lost (OutLo has Out's strides)
-        tl.store(OutLo + o_off, (o - o_out.to(tl.float32)).to(OutLo.dtype.element_ty), mask=o_mask)
+    tl.store(Out + o_off, o.to(Out.dtype.element_ty), mask=o_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -452,14 +448,14 @@ def sa_fwd(
 
 @triton.jit
 def sa_bwd_pre(
-    Out, OutLo, DO, Delta, DQacc, RowA, RowB,
+    Out, DO, Delta, DQacc, RowA, RowB,
     so_b, so_h, so_m, so_d,
     sdo_b, sdo_h, sdo_m, sdo_d,
     H, Nq, D, DV,
-    HAS_LO: tl.constexpr, ZERO_DQ: tl.constexpr, ZERO_ROWS: tl.constexpr,
+    ZERO_DQ: tl.constexpr, ZERO_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """``Delta = rowsum(dO * O)`` (float32, with the output's rounding residual for half inputs); zeroes the float32
+    """``Delta = rowsum(dO * O)`` (float32 sums of the output in its own dtype); zeroes the float32
     ``dq`` accumulator (contiguous ``(B, H, Nq, D)``) and the range-correction row sums of the fast path."""
     pid_m, pid_bh = _split_pid(tl.program_id(0), Nq, BLOCK_M, False)
     off_b = (pid_bh // H).to(tl.int64)
@@ -470,8 +466,6 @@ def sa_bwd_pre(
     mask = m_ok[:, None] & (offs_dv[None, :] < DV)
     o_off = off_b * so_b + off_h * so_h + offs_m[:, None] * so_m + offs_dv[None, :] * so_d
     o = tl.load(Out + o_off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_LO:
-        o += tl.load(OutLo + o_off, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off_b * sdo_b + off_h * sdo_h + offs_m[:, None] * sdo_m + offs_dv[None, :] * sdo_d,
                  mask=mask, other=0.0).to(tl.float32)
     stat = pid_bh.to(tl.int64) * Nq + offs_m
