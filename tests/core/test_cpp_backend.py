@@ -345,3 +345,18 @@ def test_few_heads_on_several_threads(dtype):
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-2, rtol=1e-2)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_overlapping_and_broadcast_qkv_views():
+    """q, k, v views with stride 0 (one key row expanded along the sequence, heads expanded), a single query row
+    with an odd stride, and a transposed layout: the kernel copies what BLAS cannot read in place and gives what
+    contiguous copies give."""
+    g = torch.Generator().manual_seed(34)
+    q = torch.randn(2, 4, 8, 1, generator=g, dtype=torch.float64).transpose(-1, -2)  # (2, 4, 1, 8), row stride 1
+    k_one = torch.randn(2, 2, 1, 8, generator=g, dtype=torch.float64).expand(2, 2, 9, 8)  # stride 0 along N
+    v_heads = torch.randn(2, 1, 9, 8, generator=g, dtype=torch.float64).expand(2, 2, 9, 8)  # stride 0 along heads
+    assert q.stride(2) == 1 and k_one.stride(2) == 0 and v_heads.stride(1) == 0
+    for qq, kk, vv in ((q, k_one, v_heads), (q.expand(2, 4, 3, 8), v_heads, k_one)):
+        got = sa_attention(qq, kk, vv, backend="cpp")
+        want = sa_attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), backend="reference")
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)

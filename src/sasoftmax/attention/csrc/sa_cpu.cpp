@@ -51,7 +51,17 @@ struct Mat {
 
 template <class T>
 Mat<T> mat(const at::Tensor& t) {
-  return Mat<T>{t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+  // (a single row's stride is never used, but BLAS wants a leading dimension of at least the row length)
+  const int64_t sn = t.size(2) <= 1 ? std::max<int64_t>(t.size(3), 1) : t.stride(2);
+  return Mat<T>{t.data_ptr<T>(), t.stride(0), t.stride(1), sn};
+}
+
+// Whether the kernel can read t in place: compute type, unit stride along the last dim, rows that do not overlap
+// (a BLAS leading dimension of at least the row length). Batch and head strides may be anything, 0 included.
+bool readable_in_place(const at::Tensor& t, at::ScalarType ct) {
+  if (t.scalar_type() != ct) return false;
+  if (t.size(3) > 1 && t.stride(3) != 1) return false;
+  return t.size(2) <= 1 || t.stride(2) >= std::max<int64_t>(t.size(3), 1);
 }
 
 // The tensors the kernel reads: each one itself when it is in the compute type with unit last stride, else a
@@ -59,11 +69,11 @@ Mat<T> mat(const at::Tensor& t) {
 std::vector<at::Tensor> compute_operands(const std::vector<at::Tensor>& ts, at::ScalarType ct) {
   std::vector<at::Tensor> out, src, dst;
   for (const auto& t0 : ts) {
-    if (t0.scalar_type() == ct && (t0.stride(3) == 1 || t0.size(3) <= 1)) {
+    if (readable_in_place(t0, ct)) {
       out.push_back(t0);
       continue;
     }
-    const at::Tensor t = t0.stride(3) == 1 ? t0 : t0.contiguous();
+    const at::Tensor t = (t0.stride(3) == 1 || t0.size(3) <= 1) ? t0 : t0.contiguous();
     out.push_back(at::empty(t.sizes(), t.options().dtype(ct)));
     src.push_back(t);
     dst.push_back(out.back());
@@ -121,7 +131,7 @@ RowsOut rows_out(const at::Tensor& t, at::ScalarType ct) {
 struct Options {
   bool causal = false, normalize = true, detach_range = false;
   double scale = 1, eps = 1e-10, dropout_p = 0;
-  int64_t seed = 0, rows = 32, threads_hint = 0;
+  int64_t seed = 0, rows = 32;
 };
 
 template <class T>
