@@ -45,7 +45,9 @@ MANY_PARAMETERS = {
     "attention/api.py:sa_attention", "attention/api.py:sa_attention_with_weights", "attention/inputs.py:prepare",
     "attention/materialized.py:materialized_attention", "integrations/nn.py:__init__",
     "normalizers/builtin.py:softmax_attention", "normalizers/builtin.py:fn", "lm/compare.py:run_comparison",
-    "lm/evaluate.py:evaluate_checkpoint", "attention/dropout.py:keep_mask",
+    "lm/evaluate.py:evaluate_checkpoint", "attention/dropout.py:keep_mask", "lm/downstream.py:run_lm_eval",
+    "lm/hf_config.py:__init__",  # a transformers config: its fields are keyword arguments
+    "attention/triton_backend.py:launch_plan",  # the shape numbers of one call, for the launch-plan unit test
 }
 MAX_LINES, MAX_PARAMS = 80, 8
 
@@ -127,12 +129,23 @@ def test_split_modules_reexport_their_names_with_a_warning(old):
         assert getattr(module, name) is getattr(importlib.import_module(new), name)
 
 
-def _is_triton_kernel(node: ast.FunctionDef) -> bool:
+def _decorators(node: ast.FunctionDef) -> set[str]:
+    names = set()
     for d in node.decorator_list:
         target = d.func if isinstance(d, ast.Call) else d
-        if isinstance(target, ast.Attribute) and target.attr == "jit":
-            return True
-    return False
+        if isinstance(target, ast.Attribute):
+            names.add(target.attr)
+        elif isinstance(target, ast.Name):
+            names.add(target.id)
+    return names
+
+
+def _is_triton_kernel(node: ast.FunctionDef) -> bool:
+    return "jit" in _decorators(node)
+
+
+# torch.library ops: their Python signature is the op schema (every tensor and scalar crossing the op boundary)
+_OP_DECORATORS = {"custom_op", "triton_op", "register_fake", "register_kernel"}
 
 
 def test_functions_stay_small():
@@ -147,7 +160,8 @@ def test_functions_stay_small():
             params = [x for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
             if lines > MAX_LINES:
                 too_long.append(f"{rel}:{node.lineno} {node.name} ({lines} lines)")
-            if len(params) > MAX_PARAMS and f"{rel}:{node.name}" not in MANY_PARAMETERS:
+            is_op = bool(_decorators(node) & _OP_DECORATORS)
+            if len(params) > MAX_PARAMS and f"{rel}:{node.name}" not in MANY_PARAMETERS and not is_op:
                 too_many.append(f"{rel}:{node.lineno} {node.name} ({len(params)} parameters)")
-    assert not too_long, f"functions over {MAX_LINES} lines: {too_long}"
-    assert not too_many, f"functions with more than {MAX_PARAMS} parameters: {too_many}"
+    assert not too_long and not too_many, (f"functions over {MAX_LINES} lines: {too_long}; functions with more than "
+                                           f"{MAX_PARAMS} parameters: {too_many}")

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .dropout import seed_tensor
 from .inputs import AttentionInputs
 
 try:  # triton is optional
@@ -411,6 +412,18 @@ def _bias_grad_finish(buf: Tensor, bias: Tensor, det: bool) -> Tensor:
     return buf.to(bias.dtype)
 
 
+def _bwd_scratch(q: Tensor, rows: int, fast_dq: bool, range_grad: bool, det: bool, dummy: Tensor) -> tuple:
+    """The backward's float32 scratch: ``Delta`` per row, the atomic dq accumulator (fast path), and the per-row
+    range terms (``dL/da``, ``dL/db``: accumulated by the fast path, computed by the deterministic dq kernel)."""
+    B, H, Nq, D = q.shape
+    f32, dev = torch.float32, q.device
+    delta = torch.empty(B, H, Nq, dtype=f32, device=dev)
+    dq_acc = torch.empty(B, H, Nq, D, dtype=f32, device=dev) if fast_dq else dummy
+    fast_rows = [torch.empty(rows, dtype=f32, device=dev) if range_grad and not det else dummy for _ in range(2)]
+    det_rows = [torch.empty(rows, dtype=f32, device=dev) if range_grad and det else dummy for _ in range(2)]
+    return delta, dq_acc, *fast_rows, *det_rows
+
+
 @torch.library.custom_op("sasoftmax::triton_sa_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _bwd_op(grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
             is_causal, scale, normalize, range_grad, eps, dropout_p, need_dq, need_dk, need_dv, need_dbias,
@@ -440,13 +453,8 @@ def _bwd_op(grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, ma
     bucket = _n_bucket(Nq, Nk)
     rows = B * H * Nq
 
-    delta = torch.empty(B, H, Nq, dtype=f32, device=dev)
     fast_dq = need_dq and not det
-    dq_acc = torch.empty(B, H, Nq, D, dtype=f32, device=dev) if fast_dq else dummy
-    row_a = torch.empty(rows, dtype=f32, device=dev) if range_grad and not det else dummy
-    row_b = torch.empty(rows, dtype=f32, device=dev) if range_grad and not det else dummy
-    da = torch.empty(rows, dtype=f32, device=dev) if range_grad and det else dummy
-    db = torch.empty(rows, dtype=f32, device=dev) if range_grad and det else dummy
+    delta, dq_acc, row_a, row_b, da, db = _bwd_scratch(q, rows, fast_dq, range_grad, det, dummy)
     dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=dev) if need_dq else _empty(q)
     # the fast path adds the range correction to dk by atomics, which need a float32 dk
     dk_dtype = f32 if range_grad and not det and need_dk else k.dtype
@@ -538,16 +546,10 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _seed_tensor(inp: AttentionInputs) -> Tensor:
-    """The dropout seed as a one-element int64 tensor on the input's device, drawn exactly like
-    :func:`sasoftmax.attention.dropout.draw_seed` (same generator, same value), but without ``.item()``: no host
-    synchronization (the copy of a CPU-drawn seed is non-blocking: a pageable 8-byte source is staged by the host
-    and the copy never waits for the device), and traceable."""
-    gen = inp.generator
-    if gen is not None and gen.device.type != "cpu":
-        seed = torch.randint(0, 2**62, (1,), generator=gen, device=gen.device)
-    else:
-        seed = torch.randint(0, 2**62, (1,), generator=gen)
-    return seed.to(inp.q.device, non_blocking=True)
+    """The dropout seed of :func:`sasoftmax.attention.dropout.seed_tensor` (the same draw as every backend) on the
+    input's device, without ``.item()``: no host synchronization (the copy of a CPU-drawn seed is non-blocking: a
+    pageable 8-byte source is staged by the host and the copy never waits for the device), and traceable."""
+    return seed_tensor(inp.generator).to(inp.q.device, non_blocking=True)
 
 
 def triton_attention(inp: AttentionInputs) -> Tensor:
