@@ -15,31 +15,16 @@ backend the SA model ran. No numbers are stored anywhere by this script.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import time
 
 import torch
-from _machine import cpu_name
+from _machine import machine_info
 
 from sasoftmax.lm.model import GPT, GPTConfig
 
 TARGET = 0.9
-
-
-def _machine() -> dict[str, object]:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _setup(normalizer: str, positional: str, args: argparse.Namespace):
@@ -105,9 +90,9 @@ def main() -> None:
     args = p.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    info = _machine()
-    print(f"bench_train  {info['date']}  {info['platform']}  {info['processor']}  cpus={info['cpu_count']}  "
-          f"threads={info['torch_threads']}  torch {info['torch']}  sa_attention {_sa_backend()}")
+    info = machine_info()
+    print(f"bench_train  {info['date']}  {info['machine']}  {info['processor']} ({info['isa']})  cpus={info['cpus']}  "
+          f"threads={info['threads']}  torch {info['torch']}  sa_attention {_sa_backend()}")
     results = []
     for dtype_name in args.dtype.split(","):
         for positional in args.positional.split(","):

@@ -2,7 +2,11 @@
 
     python benchmarks/bench_cpu_attention.py --out docs/results/cpu_attention.md
     python benchmarks/bench_cpu_attention.py --causal --out docs/results/cpu_attention_causal.md
-    python benchmarks/bench_train.py > docs/results/train_throughput.txt
+    python benchmarks/bench_cpu_attention.py --dtype bfloat16 --eager-max 2048 --out docs/results/cpu_attention_bf16.md
+    python benchmarks/bench_cpu_attention.py --dtype bfloat16 --causal --eager-max 2048 \
+        --out docs/results/cpu_attention_bf16_causal.md
+    python benchmarks/bench_train.py --seq 512 --batch 4 --layers 4 --width 256 --dtype float32,bfloat16 \
+        --positional alibi,rope > docs/results/train_throughput.txt
     python benchmarks/bench_hf_decode.py > docs/results/hf_decode.txt
     python benchmarks/readme_tables.py
 
@@ -51,6 +55,7 @@ MEMORY_RATIO = ("SA/eager memory",)
 
 def section() -> str:
     plain, causal = _read("cpu_attention.md"), _read("cpu_attention_causal.md")
+    bf16, bf16_causal = _read("cpu_attention_bf16.md"), _read("cpu_attention_bf16_causal.md")
     t_plain, t_causal = _cell(plain, 2048, TIME_RATIO), _cell(causal, 2048, TIME_RATIO)
     m4096 = _cell(plain, 4096, MEMORY_RATIO)
     verdict = []
@@ -61,18 +66,25 @@ def section() -> str:
     return f"""All figures below were printed by the scripts in `benchmarks/` (raw outputs in `docs/results/`; this
 section is rebuilt from them by `benchmarks/readme_tables.py`), each measured side by side in one run.
 
-**Attention forward+backward** — `python benchmarks/bench_cpu_attention.py --lengths 1024,2048,4096 [--causal]`
-(SA = `sa_attention` with `backend="auto"`, i.e. the fused C++ kernel on the CPU; naive eager SA = materialized, the
-way the authors' GPT-NeoX patch computes it; peak = resident-memory high-water mark of a fresh process minus its
-inputs):
+**Attention** — `python benchmarks/bench_cpu_attention.py [--causal] [--dtype bfloat16 --eager-max 2048]`
+(SA = `sa_attention` with `backend="auto"`, i.e. the fused C++ kernel on the CPU; SA plain = `normalize=False`;
+naive eager SA = materialized, the way the authors' GPT-NeoX patch computes it; implementations timed alternately in
+one process, medians; peak = resident-memory high-water mark of a fresh process minus its inputs; what the kernel
+does and why a ratio is what it is: [`docs/cpu_kernel.md`](docs/cpu_kernel.md)):
 
 {plain}
 
 {causal}
 
-Against the core issue's targets: {"; ".join(verdict)}.
+{bf16}
 
-**Training throughput**, same tiny GPT, softmax (SDPA) vs SA-Softmax — `python benchmarks/bench_train.py`:
+{bf16_causal}
+
+Against the project's targets: {"; ".join(verdict)}.
+
+**Training throughput**, a 4-layer, 256-wide GPT at sequence length 512, softmax (SDPA) vs SA-Softmax —
+`python benchmarks/bench_train.py --seq 512 --batch 4 --layers 4 --width 256 --dtype float32,bfloat16 --positional
+alibi,rope`:
 
 ```
 {_read("train_throughput.txt")}

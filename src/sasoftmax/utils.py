@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_write", "write_json_atomic", "read_json", "fsync_dir", "format_table", "format_number",
-           "machine_info", "cpu_name", "utc_now"]
+           "machine_info", "cpu_name", "vector_isa", "utc_now"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -107,6 +107,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def vector_isa() -> str:
+    """The widest x86 vector extension the CPU reports (AVX-512, AVX2, AVX), or the machine type elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")):
+                        if flag in flags:
+                            return name
+                    break
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
+
+
 def utc_now() -> str:
     """The current time in UTC, ISO 8601 to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -116,5 +132,6 @@ def machine_info() -> dict[str, Any]:
     """What result files record about the machine: date, platform, CPU model and count, Python, torch, threads."""
     import torch
 
-    return {"date": utc_now(), "machine": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {"date": utc_now(), "machine": platform.platform(), "processor": cpu_name(), "isa": vector_isa(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
