@@ -199,9 +199,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eager-max", type=int, default=4096, help="time the naive eager SA only up to this N")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--out", help="also write the tables as markdown to this file")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(_memory_worker(args.memory_worker, lengths[0], args)))
         return

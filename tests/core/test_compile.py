@@ -88,3 +88,24 @@ def test_compiled_gpt_training_step_matches_eager(eager_random):
         # (AdamW divides by sqrt(v): near-zero gradients turn rounding-level differences into ~lr * 1e-4)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"param {n}: {m}")
     assert cpp_backend.load_error() is None  # the model ran the fused kernel (auto on CPU)
+
+
+def test_backend_selection_constant_matches_torch_decorator():
+    """``load_error`` is marked the way ``torch.compiler.assume_constant_result`` marks a function (the package sets
+    the marker itself so that importing it does not import ``torch._dynamo``); if torch changes what the decorator
+    does, this fails before compiled models start breaking their graphs."""
+    def probe() -> int:
+        return 0
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert dict(vars(marked)) == {"_dynamo_marked_constant": True}
+    assert cpp_backend.load_error._dynamo_marked_constant is True
+
+
+def test_import_does_not_load_dynamo():
+    import subprocess
+    import sys
+
+    code = "import sys, sasoftmax, sasoftmax.nn; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

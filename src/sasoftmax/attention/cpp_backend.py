@@ -174,7 +174,15 @@ def build() -> ModuleType | None:
         return ext
 
 
-@torch.compiler.assume_constant_result
+def _constant_when_compiled(fn):
+    """What ``torch.compiler.assume_constant_result`` does (it sets this one marker), without importing
+    ``torch._dynamo`` when this module is imported: that import alone costs ~1.5 s, on every ``import sasoftmax``.
+    tests/core/test_compile.py checks that the decorator still sets exactly this marker."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_compiled
 def load_error() -> str | None:
     """None if the fused kernel is available (building it on first use), else why not. A constant to
     ``torch.compile`` (evaluated once when tracing), so that backend selection does not break graphs."""
