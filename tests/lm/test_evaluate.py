@@ -118,7 +118,7 @@ def test_comparison_job_end_to_end(tmp_path):
     # training in slices equals one uninterrupted run of the same config
     direct = load_config(None, [f"data.source={corpus}", *sets, "model.preset=tiny", "model.n_head=4",
                                 "model.positional=alibi", "model.normalizer=sa_softmax", "warmup=30", "lr=2e-3",
-                                "min_lr=2e-4", "dtype=bfloat16", "seed=1337", "eval_interval=0", "ckpt_interval=0",
+                                "min_lr=2e-4", "dtype=auto", "seed=1337", "eval_interval=0", "ckpt_interval=0",
                                 f"out_dir={tmp_path / 'direct'}"])
     assert train(direct, quiet=True)["final_loss"] == saved["runs"]["sa_softmax"]["train"]["final_loss"]
 

@@ -441,3 +441,23 @@ def test_tensorboard_logging_writes_the_metrics(corpus, tmp_path):
     losses = [e.value for e in acc.Scalars("loss")]
     assert [e.step for e in acc.Scalars("loss")] == list(range(1, 11))
     assert losses == pytest.approx(_losses(run), rel=1e-6)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_dtype_auto_is_bfloat16_only_with_native_bf16(monkeypatch, native):
+    """``dtype = "auto"``: bf16 autocast where the CPU computes bf16 in hardware, float32 where it would be emulated
+    (~25x slower on an AVX2 CPU); explicit names stay as they are; a bad name is an error naming the key."""
+    from sasoftmax.lm import config
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    cpu = torch.device("cpu")
+    assert config.native_bf16(cpu) is native
+    assert config.resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert config.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert config.resolve_dtype("float32", cpu) == torch.float32
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        config.resolve_dtype("bf16", cpu)
+    with pytest.raises(ConfigError, match="dtype"):
+        load_config(None, ["dtype=half"])
+    assert load_config(None, ["dtype=auto"]).dtype == "auto"

@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..normalizers import get_normalizer
 from ..utils import format_table, machine_info, write_json_atomic
-from .config import TrainConfig, apply_overrides
+from .config import TrainConfig, apply_overrides, resolve_dtype
 from .data import DataConfig, TokenData, load_token_data
+from .distributed import select_device
 from .evaluate import format_gradient_demo, gradient_demo
 from .grid import Grid, GridRun, evaluate_run, parse_grid, result_record, write_grid_json
 from .metrics import last_diagnostics
@@ -41,7 +44,7 @@ def comparison_config(data_source: str = "stdlib", out_dir: str = "runs/compare"
         model={"preset": "tiny", "n_layer": 2, "n_embd": 128, "n_head": 4, "block_size": 128, "positional": "alibi"},
         data=DataConfig(source=data_source, tokenizer="bpe", vocab_size=4096, max_chars=6_000_000),
         batch_size=16, max_steps=1000, warmup=30, lr=2e-3, min_lr=2e-4, eval_interval=200, eval_batches=8,
-        ckpt_interval=0, log_every=50, diag_interval=100, diag_batch_size=8, dtype="bfloat16", out_dir=out_dir,
+        ckpt_interval=0, log_every=50, diag_interval=100, diag_batch_size=8, dtype="auto", out_dir=out_dir,
         seed=1337,
     )
     for k, v in overrides.items():
@@ -250,8 +253,11 @@ def run_comparison(
     say(f"data: {len(data.train):,} training / {len(data.val):,} validation tokens, vocab {data.vocab_size}, "
         f"cache {data.directory}")
     seq = base.model["block_size"]
+    amp = resolve_dtype(base.dtype, select_device(base.device))
     say(f"{len(grid.runs)} models, {base.max_steps} steps of {base.batch_size * base.grad_accum} x {seq} tokens "
         f"each, in {chunks} slices, budget {budget_s:.0f} s" if budget_s > 0 else "no time budget")
+    why = " (this device has no native bfloat16)" if base.dtype == "auto" and amp == torch.float32 else ""
+    say(f"dtype {base.dtype}: {'bfloat16 autocast' if amp == torch.bfloat16 else 'float32'}{why}")
     lock = _train_all(grid, data, chunks, budget_s, tokens_per_length, t_start, say)
     runs = _record(grid, lock, data)
     diags = {r.axes["model.normalizer"]: last_diagnostics(r.run_dir) for r in grid.runs}

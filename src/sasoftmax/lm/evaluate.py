@@ -27,7 +27,7 @@ import torch
 
 from ..utils import format_table, write_json_atomic
 from .checkpoint import load_run
-from .config import DTYPES, TrainConfig
+from .config import TrainConfig, resolve_dtype
 from .data import TokenData, eval_windows, load_token_data
 
 __all__ = ["evaluate_checkpoint", "evaluate_model", "diagnose_checkpoint", "gradient_demo", "format_gradient_demo",
@@ -85,7 +85,7 @@ def evaluate_model(
     if tokens_per_length < 1 or batch_size < 1:
         raise ValueError(f"tokens_per_length and batch_size must be >= 1, got {tokens_per_length}, {batch_size}")
     device = torch.device(device)
-    amp = DTYPES[dtype]
+    amp = resolve_dtype(dtype, device)
     autocast = torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32)
     was_training = model.training
     model.eval()

@@ -46,7 +46,7 @@ from .checkpoint import (
     set_aside_newer,
     set_rng_state,
 )
-from .config import DTYPES, ConfigError, TrainConfig, build_model_config
+from .config import ConfigError, TrainConfig, build_model_config, resolve_dtype
 from .data import BatchSampler, TokenData, load_token_data
 from .distributed import Dist, select_device
 from .metrics import MetricsWriter
@@ -133,7 +133,7 @@ class Trainer:
         cfg.validate()
         cfg = TrainConfig.from_dict(cfg.to_dict())  # a copy: resuming on another world size may adjust grad_accum
         self.cfg, self.data, self.dist, self.device, self.quiet = cfg, data, dist, device, quiet
-        self.dtype = DTYPES[cfg.dtype]
+        self.dtype = resolve_dtype(cfg.dtype, device)
         if self.dtype == torch.float16 and device.type != "cuda":
             raise ConfigError("dtype='float16' autocast needs CUDA; use 'bfloat16' (or 'float32') on CPU")
         self.out_dir = Path(cfg.out_dir)

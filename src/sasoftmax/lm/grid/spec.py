@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DTYPES, ConfigError, TrainConfig, apply_overrides, build_model_config, read_config_file, update
+from ..config import (
+    DTYPE_NAMES,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    build_model_config,
+    read_config_file,
+    update,
+)
 
 __all__ = ["GridError", "EvalSpec", "GridRun", "Grid", "DEFAULT_MULTIPLIERS", "load_grid", "parse_grid",
            "parse_shard", "select_runs", "run_id_for", "format_value"]
@@ -55,8 +63,8 @@ class EvalSpec:
         for name in ("tokens_per_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise GridError(f"eval.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise GridError(f"eval.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise GridError(f"eval.dtype must be one of {list(DTYPE_NAMES)}, got {self.dtype!r}")
 
 
 @dataclass
