@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
+    if args.threads < 0:
+        ap.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if args.threads > 0:
         import torch
 

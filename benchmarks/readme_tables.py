@@ -53,6 +53,7 @@ def _cell(table: str, n: int, columns: tuple[str, ...]) -> str | None:
 # Column names of bench_cpu_attention.py's tables (current first, then those of older result files).
 TIME_RATIO = ("SA/SDPA fwd+bwd", "SA/SDPA time")
 MEMORY_RATIO = ("SA/eager memory",)
+LENGTHS = (1024, 2048, 4096)
 # (what, ratio column, the target's limit)
 TARGETS = (
     ("SA/SDPA forward+backward", TIME_RATIO, 1.25),
@@ -64,14 +65,12 @@ TARGETS = (
 
 def _ratios(table: str, columns: tuple[str, ...], limit: float) -> str:
     """``1.27x / 1.16x / 1.40x at N = 1024 / 2048 / 4096`` for one column, and whether each meets ``limit``."""
-    ns = [n for n in LENGTHS if _cell(table, n, columns) is not None]
-    cells = [_cell(table, n, columns) or "" for n in ns]
+    found = [(n, c) for n in LENGTHS if (c := _cell(table, n, columns)) is not None]
+    ns, cells = [n for n, _ in found], [c for _, c in found]
     missed = [str(n) for n, c in zip(ns, cells, strict=True) if float(c.rstrip("x")) > limit]
     verdict = f"missed at N = {', '.join(missed)}" if missed else "met"
     return f"{' / '.join(cells)} at N = {' / '.join(map(str, ns))} ({verdict})"
 
-
-LENGTHS = (1024, 2048, 4096)
 
 
 def section() -> str:

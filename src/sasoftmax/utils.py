@@ -95,31 +95,29 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else what ``platform`` knows."""
+def _cpuinfo(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo, None where there is none (or no such file)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else what ``platform`` knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def vector_isa() -> str:
     """The widest x86 vector extension the CPU reports (AVX-512, AVX2, AVX), or the machine type elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")):
-                        if flag in flags:
-                            return name
-                    break
-    except OSError:
-        pass
+    flags = set((_cpuinfo("flags") or "").split())
+    for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")):
+        if flag in flags:
+            return name
     return platform.machine() or "unknown"
 
 

@@ -128,3 +128,18 @@ def test_diagnose_checkpoint(corpus, tmp_path, capsys):
     assert [r["length"] for r in saved["results"]] == [16, 48] and saved["step"] == 6
     assert all(r["windows"] == 2 and r["diag/score_grad_norm"] > 0 for r in saved["results"])
     assert main(["diagnose", "--ckpt", str(tmp_path / "run"), "--windows", "0"]) == 2
+
+
+def test_eval_dtype_choices_are_the_config_dtypes():
+    """``sasoftmax eval --dtype`` takes what a config's ``dtype`` takes (cli.py keeps a literal list so that
+    ``--help`` does not import torch)."""
+    from sasoftmax.lm.cli import build_parser
+    from sasoftmax.lm.config import DTYPE_NAMES
+
+    args = build_parser().parse_args(["eval", "--ckpt", "run", "--dtype", "auto"])
+    assert args.dtype == "auto"
+    eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
+    choices = next(a.choices for a in eval_parser._actions if a.dest == "dtype")
+    assert sorted(choices) == sorted(DTYPE_NAMES)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--ckpt", "run", "--dtype", "half"])

@@ -338,7 +338,7 @@ _BWD_SCHEMA = (
 )
 
 
-def _fwd_shapes(q, k, v, normalize, range_grad, need_grad):
+def _fwd_shapes(q, v, normalize, range_grad):
     B, H, Nq, _ = q.shape
     Dv = v.shape[3]
     return (
@@ -355,7 +355,7 @@ def _fwd_op(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, norma
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     dev = q.device
-    s_out, s_row, s_norm, s_idx = _fwd_shapes(q, k, v, normalize, range_grad, need_grad)
+    s_out, s_row, s_norm, s_idx = _fwd_shapes(q, v, normalize, range_grad)
     out = torch.empty(s_out, dtype=q.dtype, device=dev)
     rowm, rowl = (torch.empty(s_row, dtype=torch.float32, device=dev) for _ in range(2))
     ra, rb, rc = (torch.empty(s_norm, dtype=torch.float32, device=dev) for _ in range(3))
@@ -379,7 +379,7 @@ def _fwd_op(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, norma
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, normalize, range_grad, eps, dropout_p,
               need_grad, deterministic):
-    s_out, s_row, s_norm, s_idx = _fwd_shapes(q, k, v, normalize, range_grad, need_grad)
+    s_out, s_row, s_norm, s_idx = _fwd_shapes(q, v, normalize, range_grad)
     f32, i32 = torch.float32, torch.int32
     return (q.new_empty(s_out), q.new_empty(s_row, dtype=f32), q.new_empty(s_row, dtype=f32),
             q.new_empty(s_norm, dtype=f32),

@@ -80,7 +80,8 @@ def _eval_parser(sub: Parsers) -> None:
     _ckpt(e, "x1,x2,x4,x8,x16", "eval")
     e.add_argument("--tokens", type=int, default=16384, help="tokens scored per length (default 16384)")
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],  # DTYPE_NAMES
+                   help="autocast dtype (auto: bfloat16 where the hardware has it, else float32)")
     e.add_argument("--backend", default="auto", help="sa_attention backend for SA models (default auto)")
 
 
