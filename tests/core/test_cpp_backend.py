@@ -134,6 +134,74 @@ def test_large_scores_float32_accuracy_rule(normalize, magnitude):
         assert errs["cpp"][i] <= 2 * errs["reference"][i] + floor, (name, errs)
 
 
+def _many_key_blocks(dropout_p: float):
+    """(leaves, args, kwargs) of a problem over several of the backward's key blocks (600 keys: 256 + 256 + 88) with
+    every feature: causal aligned bottom-right (Nq < Nk), GQA, a bool mask broadcast over heads with a fully masked
+    row and a masked stretch across a block boundary, a bias with gradient, ALiBi, and dropout if dropout_p > 0."""
+    B, Hq, Hkv, Nq, Nk = 2, 4, 2, 190, 600
+    q, k, v = qkv(B, Hq, Hkv, Nq, Nk, 8, 6, seed=30)
+    keep = torch.rand(B, 1, Nq, Nk, generator=torch.Generator().manual_seed(31)) > 0.1
+    keep[0, 0, 5] = False
+    keep[1, 0, :, 240:300] = False
+    bias = _randn(1, Hq, Nq, Nk, seed=32, grad=True)
+    kw = dict(is_causal=True, bias=bias, alibi_slopes=torch.tensor([0.02, 0.01, 0.005, 0.0025]), dropout_p=dropout_p)
+    return [q, k, v, bias], (keep,), kw
+
+
+@pytest.mark.parametrize("normalize,detach_range", VARIANTS)
+def test_many_key_blocks_match_the_oracle(normalize, detach_range):
+    """Several key blocks per query block in the backward (Delta = g.o, Delta0 and the range terms gathered over
+    the blocks, arg-min / arg-max keys in any block) with every feature: values and every gradient against the
+    float64 oracle, with the default query blocks and with 7 rows per block."""
+    leaves, args, kw = _many_key_blocks(0.0)
+    q, k, v, bias = leaves
+    kw = dict(kw, normalize=normalize, detach_range=detach_range)
+    ref, _ = oracle_attention(q, k, v, *args, **kw)
+    g = _randn(*ref.shape, seed=33)
+    ref_grads = grads_of(ref, leaves, g)
+    for block in (None, 7):
+        out = cpp_attention(prepare(q, k, v, *args, **kw), block_size=block)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+        for name, a, b in zip("q k v bias".split(), grads_of(out, leaves, g), ref_grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("normalize,detach_range", VARIANTS)
+def test_many_key_blocks_dropout_matches_reference(normalize, detach_range):
+    """The same problem with dropout: the kernel regenerates the reference's mask block by block."""
+    leaves, args, kw = _many_key_blocks(0.2)
+    q, k, v, bias = leaves
+    kw = dict(kw, normalize=normalize, detach_range=detach_range)
+    g = _randn(2, 4, 190, 6, seed=34)
+    ref = sa_attention(q, k, v, *args, generator=torch.Generator().manual_seed(6), backend="reference", **kw)
+    out = cpp_attention(prepare(q, k, v, *args, generator=torch.Generator().manual_seed(6), **kw))
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    for a, b in zip(grads_of(out, leaves, g), grads_of(ref, leaves, g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("magnitude", [8.0, 1e4])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_large_scores_many_key_blocks_float32(normalize, magnitude):
+    """float32 over several key blocks, scores ~8 (the plain form takes Delta = g.o) and ~1e4 (the plain form takes
+    Delta from the rows, across the blocks): the accuracy rule of test_large_scores_float32_accuracy_rule."""
+    q, k, v = qkv(1, 2, 2, 70, 600, 8, 4, dtype=torch.float32, seed=35)
+    bias = (_randn(1, 70, 600, seed=36) * magnitude).float().requires_grad_()
+    leaves = [q, k, v, bias]
+    kw = dict(bias=bias, normalize=normalize, is_causal=True)
+    ref, _ = oracle_attention(q, k, v, **kw)
+    g = _randn(*ref.shape, seed=37)
+    ref_grads = grads_of(ref, leaves, g)
+    errs = {}
+    for backend in ("reference", "cpp"):
+        out = sa_attention(q, k, v, backend=backend, **kw)
+        grads = grads_of(out, leaves, g)
+        errs[backend] = [_max_err(out, ref)] + [_max_err(a, b) for a, b in zip(grads, ref_grads, strict=True)]
+    for i, name in enumerate(["out", "dq", "dk", "dv", "dbias"]):
+        floor = 1e-6 * max(1.0, ([ref] + ref_grads)[i].abs().max().item())
+        assert errs["cpp"][i] <= 2 * errs["reference"][i] + floor, (name, errs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fully_masked_rows_huge_scores_half(dtype):
     """Fully masked rows next to scores of ~1e4: zero output and zero gradient, nothing NaN."""

@@ -96,12 +96,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def stats_shapes(backend: str, q: Tensor, need_stats: bool, normalize: bool, detach_range: bool):
     """``((stats shape, dtype), (idx shape, dtype))`` of the forward's saved statistics.
 
-    ``cpp``: stats ``(B, Hq, Nq, 3)`` = row max, 1/sum of exp(s - max), ``a``; ``chunked``: ``(B, Hq, Nq, 2)`` =
-    ``a``, ``b`` (normalized form only). ``idx`` ``(B, Hq, Nq, 2)`` int64 = arg-min, arg-max key (differentiated
-    range only). Shape ``(0,)`` where not kept."""
+    ``cpp``: stats ``(B, Hq, Nq, 4)`` = row max, 1/sum of exp(s - max), ``a``, row min; ``chunked``:
+    ``(B, Hq, Nq, 2)`` = ``a``, ``b`` (normalized form only). ``idx`` ``(B, Hq, Nq, 2)`` int64 = arg-min, arg-max
+    key (differentiated range only). Shape ``(0,)`` where not kept."""
     B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
     cdt = _compute_dtype(q.dtype)
-    width = 3 if backend == "cpp" else 2
+    width = 4 if backend == "cpp" else 2
     keep_stats = need_stats and (backend == "cpp" or normalize)
     keep_idx = need_stats and normalize and not detach_range
     return (((B, Hq, Nq, width) if keep_stats else (0,), cdt), ((B, Hq, Nq, 2) if keep_idx else (0,), torch.int64))
@@ -155,7 +155,7 @@ def _attention_bwd(*args):
     a = BwdArgs(*args)
     if a.backend == "cpp":
         dq, dk, dv, db = cpp_backend.extension().backward(
-            a.grad_out, a.q, a.k, a.v, a.stats, a.idx, *_cpp_common(a), a.need_dq, a.need_dk, a.need_dv,
+            a.grad_out, a.q, a.k, a.v, a.out, a.stats, a.idx, *_cpp_common(a), a.need_dq, a.need_dk, a.need_dv,
             a.need_dbias)
         return dq, dk, dv, (db.to(a.bias.dtype) if a.need_dbias else db)
     grads = chunked.backward_op(_inputs(a), _seed_value(a.seed), a.block_rows or None, a.grad_out, a.out, a.stats,

@@ -67,9 +67,9 @@ inline T hsum(const Vec<T>& v) {
 }
 
 template <class T>
-inline void add_operand(const View4& op, int64_t b, int64_t h, int64_t i, T* s, int64_t len) {
+inline void add_operand(const View4& op, int64_t b, int64_t h, int64_t i, int64_t j0, T* s, int64_t len) {
   if (!op.present()) return;
-  const T* p = op.row<T>(b, h, i);
+  const T* p = op.row<T>(b, h, i) + j0 * op.sj;
   if (op.sj == 1) {
     for (int64_t j = 0; j < len; ++j) s[j] += p[j];
   } else if (op.sj == 0) {
@@ -80,21 +80,21 @@ inline void add_operand(const View4& op, int64_t b, int64_t h, int64_t i, T* s, 
   }
 }
 
-// Prepares row (b, h, i) of raw scores s[0, n) (scale * q.k): adds ALiBi, the float-mask values and the bias, and
-// puts -inf at the keys the bool mask hides and at the keys after the row's causal end. Returns whether -inf
-// entries can be present (then the row math takes its masked path; a causal row is processed over all n keys with
-// -inf padding, so it gives bit for bit what the equivalent explicit mask gives).
+// Prepares keys [j0, j0 + n) of row (b, h, i), raw scores s[0, n) (scale * q.k): adds ALiBi, the float-mask values
+// and the bias, and puts -inf at the keys the bool mask hides and at the keys after the row's causal end. Returns
+// whether -inf entries can be present (then the row math takes its masked path; a causal row is processed over all
+// n keys with -inf padding, so it gives bit for bit what the equivalent explicit mask gives).
 template <class T>
-inline bool prepare_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, T* s, int64_t n) {
-  const int64_t len = P.row_len(i, n);
+inline bool prepare_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, T* s, int64_t j0, int64_t n) {
+  const int64_t len = std::max<int64_t>(0, P.row_len(i, j0 + n) - j0);
   const T ninf = -std::numeric_limits<T>::infinity();
   if (P.slopes != nullptr) {
     const T slope = P.slopes[b * P.slope_sb + h];
     const T qpos = T(i + P.Nk - P.Nq);
-    for (int64_t j = 0; j < len; ++j) s[j] -= slope * std::abs(qpos - T(j));
+    for (int64_t j = 0; j < len; ++j) s[j] -= slope * std::abs(qpos - T(j0 + j));
   }
-  add_operand<T>(P.madd, b, h, i, s, len);
-  add_operand<T>(P.bias, b, h, i, s, len);
+  add_operand<T>(P.madd, b, h, i, j0, s, len);
+  add_operand<T>(P.bias, b, h, i, j0, s, len);
   for (int64_t j = len; j < n; ++j) s[j] = ninf;
   if (!P.keep.present()) return len < n;
   const bool* k = P.keep.template row<bool>(b, h, i);
@@ -102,6 +102,7 @@ inline bool prepare_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, T*
     if (!k[0])
       for (int64_t j = 0; j < len; ++j) s[j] = ninf;
   } else {
+    k += j0 * P.keep.sj;
     for (int64_t j = 0; j < len; ++j) s[j] = k[j * P.keep.sj] ? s[j] : ninf;
   }
   return true;
@@ -115,13 +116,14 @@ inline uint32_t fmix32(uint32_t h) {
   return h ^ (h >> 16);
 }
 
-// Dropout factors of row (b, h, i), keys [0, len): `kept` where the counter-based hash keeps the entry, else 0.
+// Dropout factors of row (b, h, i), keys [j0, j0 + len): `kept` where the counter-based hash keeps the entry, else 0.
 // The hash is that of attention/dropout.py: flat index idx = ((b*Hq + h)*Nq + i)*Nk + j,
 // h1 = fmix32(low32(idx) ^ seed_lo), h2 = fmix32(h1 ^ high32(idx) ^ seed_hi), kept iff h2 >= threshold.
 template <class T>
-inline void dropout_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, T kept, T* out, int64_t len) {
+inline void dropout_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, T kept, T* out, int64_t j0,
+                        int64_t len) {
   const uint64_t base = ((uint64_t(b) * uint64_t(P.Hq) + uint64_t(h)) * uint64_t(P.Nq) + uint64_t(i)) *
-                        uint64_t(P.Nk);
+                            uint64_t(P.Nk) + uint64_t(j0);
   const uint32_t lo = P.seed_lo, hi = P.seed_hi;
   const uint64_t thr = P.threshold;
   for (int64_t j = 0; j < len; ++j) {
@@ -132,14 +134,16 @@ inline void dropout_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, T 
   }
 }
 
-// Row statistics the forward saves for the backward: max m, 1/sum(exp(s - m)), a = min(min s, 0), and the arg-min /
-// arg-max keys. An empty row (no visible key) has m = linv = a = 0, so that the backward's P = exp(s - m) * linv = 0.
+// A row's statistics in the forward, gathered over its key blocks: max m and min mn of the visible scores with
+// their first keys (scan_block), whether -inf entries occur, and the vector sum of exp(s - m) (weights_block).
 template <class T>
-struct RowStats {
-  T m = 0, linv = 0, a = 0;
-  T factor = 0;  // what the row of W.V is multiplied by to give the output: (c or 1) * linv (* 1/(1-p))
-  int64_t imin = 0, imax = 0;
-  bool empty = true;
+struct RowScan {
+  T m = -std::numeric_limits<T>::infinity(), mn = std::numeric_limits<T>::infinity();
+  int64_t imax = 0, imin = 0;
+  bool masked = false;
+  Vec<T> sum = Vec<T>(T(0));
+  bool empty() const { return m == -std::numeric_limits<T>::infinity(); }  // no visible key (or NaN scores)
+  T a(bool normalize) const { return normalize && !empty() ? std::min(mn, T(0)) : T(0); }
 };
 
 // First index in [0, len) with s[j] == x (x finite), or -1.
@@ -166,17 +170,25 @@ inline Vec<T> load_tail(const T* p, int64_t count, T pad) {
   return Vec<T>::loadu(tmp);
 }
 
-// The forward row math in place: s[0, n) (scores, -inf at masked keys when `masked`) becomes the unnormalized
-// weights (s - a) e_j (normalized) or s e_j (plain) with e_j = exp(s_j - max), times keep01[j] (dropout, 0/1, or
-// null); zero at masked keys. The returned factor turns the row of W.V into the output row. Every key, the last
-// partial vector's too, goes through the same vector code, so the backward recomputes exactly these values.
+// Stores the first `count` lanes of v (all of them when count >= the vector width).
 template <class T>
-inline RowStats<T> forward_row(const Problem<T>& P, T* s, int64_t n, bool masked, bool want_idx, const T* keep01) {
+inline void store_lanes(const Vec<T>& v, T* p, int64_t count) {
+  if (count < Vec<T>::size()) {
+    v.store(p, count);
+  } else {
+    v.store(p);
+  }
+}
+
+// Forward pass 1 over keys [j0, j0 + n) of a prepared row, s[0, n) (-inf at masked keys when `masked`): folds
+// their max and visible min into rs, and (want_idx) the first key of each, so that over all blocks in order the
+// arg-max / arg-min are the row's first.
+template <class T>
+inline void scan_block(RowScan<T>& rs, const T* s, int64_t j0, int64_t n, bool masked, bool want_idx) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const T inf = std::numeric_limits<T>::infinity();
-  const V ninf(-inf), pinf(inf), zero(T(0));
-  RowStats<T> st;
+  const V ninf(-inf), pinf(inf);
   V vmax(-inf), vmin(inf);
   for (int64_t j = 0; j < n; j += W) {
     const bool tail = j + W > n;
@@ -192,19 +204,32 @@ inline RowStats<T> forward_row(const Problem<T>& P, T* s, int64_t n, bool masked
     m = std::max(m, a1[t]);
     mn = std::min(mn, a2[t]);
   }
-  if (n == 0 || m == -inf) {  // no visible key (or NaN scores): a zero row
+  rs.masked = rs.masked || masked;
+  if (m > rs.m) {
+    rs.m = m;
+    if (want_idx) rs.imax = j0 + std::max<int64_t>(0, find_first<T>(s, n, m));
+  }
+  if (mn < rs.mn) {
+    rs.mn = mn;
+    if (want_idx) rs.imin = j0 + std::max<int64_t>(0, find_first<T>(s, n, mn));
+  }
+}
+
+// Forward pass 2 over the keys [0, n) of a block of a scanned row, in place: s becomes the unnormalized weights
+// (s - a) e (normalized) or s e (plain) with e = exp(s - m), times keep01 (dropout, 0/1, or null), zero at masked
+// keys (and everywhere in an empty row); the e are added to rs.sum. Every key, the last partial vector's too, goes
+// through the same vector code.
+template <class T>
+inline void weights_block(RowScan<T>& rs, T a, T* s, int64_t n, const T* keep01) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  if (rs.empty()) {
     for (int64_t j = 0; j < n; ++j) s[j] = T(0);
-    return st;
+    return;
   }
-  st.empty = false;
-  const T a = P.normalize ? std::min(mn, T(0)) : T(0);
-  const T b = std::max(m, T(0));
-  if (want_idx) {
-    st.imax = std::max<int64_t>(0, find_first<T>(s, n, m));
-    st.imin = std::max<int64_t>(0, find_first<T>(s, n, mn));
-  }
-  const V vm(m), va(a);
-  V vsum(T(0));
+  const T inf = std::numeric_limits<T>::infinity();
+  const V ninf(-inf), zero(T(0)), vm(rs.m), va(a);
+  V vsum = rs.sum;
   for (int64_t j = 0; j < n; j += W) {
     const int64_t count = std::min<int64_t>(W, n - j);
     const bool tail = count < W;
@@ -212,111 +237,111 @@ inline RowStats<T> forward_row(const Problem<T>& P, T* s, int64_t n, bool masked
     const V e = (x - vm).exp_u20();
     vsum = vsum + e;
     V w = (x - va) * e;
-    if (masked || tail) w = V::blendv(w, zero, x == ninf);
+    if (rs.masked || tail) w = V::blendv(w, zero, x == ninf);
     if (keep01 != nullptr) w = w * (tail ? load_tail<T>(keep01 + j, count, T(0)) : V::loadu(keep01 + j));
-    if (tail) {
-      w.store(s + j, count);
-    } else {
-      w.store(s + j);
-    }
+    store_lanes<T>(w, s + j, count);
   }
-  st.m = m;
-  st.linv = T(1) / hsum<T>(vsum);
-  st.a = a;
-  const T c = P.normalize ? T(1) / (b - a + P.eps) : T(1);
-  st.factor = c * st.linv * (P.dropout ? P.keep_scale : T(1));
-  return st;
+  rs.sum = vsum;
 }
 
-// The backward row math. In: s[0, n) the recomputed scores (-inf at masked keys when `masked`), dp[0, n) = g.v_j,
-// the row's saved statistics, keep (dropout factors 0 or 1/(1-p), or null). Out: s = dL/ds (range terms included
-// unless detached), w = the weights applied to v (for dv); dp is clobbered. With u = (s - a) c (plain: a = 0, c = 1,
-// so u = s) and dPk = dp * keep:
-//   P = exp(s - m) / l,  W = u P,  Delta = sum W dPk,  ds = P ((u dPk - Delta) + c dPk)   (plain)
-//                                                     ds = P ((u dPk + c dPk) - Delta)   (normalized)
-// plus c (Delta - Delta0) at the arg-min key (if a < 0) and -c Delta at the arg-max key (if b > 0), with
-// Delta0 = sum P dPk. Delta is taken from the row itself (not g.o), and u dPk - Delta is formed before c dPk is
-// added: in the plain form, where u = s is large, the two large terms then carry the same rounding and cancel
-// cleanly (as in autograd through the reference), at the price of computing P twice. In the normalized form
-// u is in [0, 1], so the cheaper order (one exp) loses nothing.
+// What the backward row math needs of a row: the forward's statistics and Delta = g.o (section 2 of the contract).
 template <class T>
-inline void backward_row(const Problem<T>& P, const T* stats, const int64_t* idx, T* s, T* dp, T* w, int64_t n,
-                         bool masked, const T* keep) {
+struct RowGrad {
+  T m = 0, linv = 0, a = 0, c = 1, delta = 0;
+};
+
+template <class T>
+inline RowGrad<T> row_grad(const Problem<T>& P, const T* stats, T delta) {
+  RowGrad<T> r;
+  r.m = stats[0];
+  r.linv = stats[1];
+  r.a = stats[2];
+  r.c = P.normalize ? T(1) / (std::max(r.m, T(0)) - r.a + P.eps) : T(1);
+  r.delta = delta;
+  return r;
+}
+
+// Vector lane loads of the backward row math: keys [j, j + count) of s (pad -inf), dp (pad 0), keep (pad 0).
+template <class T>
+struct Lanes {
+  Vec<T> x, g, k;
+};
+
+template <class T>
+inline Lanes<T> load_lanes(const T* s, const T* dp, const T* keep, int64_t j, int64_t count) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const bool tail = count < Vec<T>::size();
+  Lanes<T> l;
+  l.x = tail ? load_tail<T>(s + j, count, -inf) : Vec<T>::loadu(s + j);
+  l.g = tail ? load_tail<T>(dp + j, count, T(0)) : Vec<T>::loadu(dp + j);
+  l.k = keep == nullptr ? Vec<T>(T(1)) : (tail ? load_tail<T>(keep + j, count, T(0)) : Vec<T>::loadu(keep + j));
+  return l;
+}
+
+// The backward row math of keys [0, n) of one row, one pass, FlashAttention-2 style (Delta given). In: s the
+// recomputed scores (-inf at masked keys when `masked`), dp = g.v_j, keep (dropout factors 0 or 1/(1-p), or null).
+// Out: s = dL/ds without the range terms, w = the weights applied to v (for dv). With u = (s - a) c (plain: a = 0,
+// c = 1, so u = s) and dPk = dp * keep:
+//   P = exp(s - m) / l,  W = u P,  ds = P ((u dPk + c dPk) - Delta)   (normalized)
+//                                  ds = P ((u dPk - Delta) + c dPk)   (plain: where u = s is large, u dPk and
+//                                  Delta are two nearly equal large numbers, subtracted first; see delta_row)
+// Returns this part of Delta0 = sum P dPk (the arg-min range term needs it).
+template <class T>
+inline T backward_row(const Problem<T>& P, const RowGrad<T>& r, T* s, const T* dp, const T* keep, T* w, int64_t n,
+                      bool masked) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
-  const T inf = std::numeric_limits<T>::infinity();
-  const T m = stats[0], linv = stats[1], a = stats[2];
-  if (linv == T(0)) {  // a row with no visible key: no gradient
+  if (r.linv == T(0)) {  // a row with no visible key: no gradient
     for (int64_t j = 0; j < n; ++j) s[j] = w[j] = T(0);
-    return;
+    return T(0);
   }
-  const T b = std::max(m, T(0));
-  const T c = P.normalize ? T(1) / (b - a + P.eps) : T(1);
-  const V vm(m), vl(linv), va(a), vc(c), zero(T(0)), ninf(-inf);
-  V vdelta(T(0)), vdelta0(T(0));
-  // pass 1: w <- W * keep; Delta, Delta0; plain: dp <- dPk (s kept, P recomputed in pass 2); normalized, where
-  // u = (s - a) c is in [0, 1] and nothing cancels: s <- P, dp <- u dPk + c dPk (one exp per key)
+  const V vm(r.m), vl(r.linv), va(r.a), vc(r.c), vd(r.delta), zero(T(0)), ninf(-std::numeric_limits<T>::infinity());
+  V vdelta0(T(0));
   const bool norm = P.normalize;
   for (int64_t j = 0; j < n; j += W) {
     const int64_t count = std::min<int64_t>(W, n - j);
-    const bool tail = count < W;
-    const V x = tail ? load_tail<T>(s + j, count, -inf) : V::loadu(s + j);
-    V p = (x - vm).exp_u20() * vl;
-    const V u = (x - va) * vc;
+    const Lanes<T> l = load_lanes<T>(s, dp, keep, j, count);
+    V p = (l.x - vm).exp_u20() * vl;
+    const V u = (l.x - va) * vc;
+    const V g = keep == nullptr ? l.g : l.g * l.k;
     V wv = u * p;
-    V g = tail ? load_tail<T>(dp + j, count, T(0)) : V::loadu(dp + j);
-    V kv(T(1));
-    if (keep != nullptr) {
-      kv = tail ? load_tail<T>(keep + j, count, T(0)) : V::loadu(keep + j);
-      g = g * kv;
-    }
-    V fd = norm ? u * g + vc * g : g;
-    if (masked || tail) {
-      const V vis = x != ninf;
+    V ds = norm ? p * ((u * g + vc * g) - vd) : p * ((u * g - vd) + vc * g);
+    if (masked || count < W) {  // (u = -inf there: blend, never multiply by 0)
+      const V vis = l.x != ninf;
       p = V::blendv(zero, p, vis);
       wv = V::blendv(zero, wv, vis);
-      if (norm) fd = V::blendv(zero, fd, vis);
+      ds = V::blendv(zero, ds, vis);
     }
-    vdelta = vdelta + wv * g;
     vdelta0 = vdelta0 + p * g;
-    if (keep != nullptr) wv = wv * kv;
-    if (tail) {
-      wv.store(w + j, count);
-      fd.store(dp + j, count);
-      if (norm) p.store(s + j, count);
-    } else {
-      wv.store(w + j);
-      fd.store(dp + j);
-      if (norm) p.store(s + j);
-    }
+    if (keep != nullptr) wv = wv * l.k;
+    store_lanes<T>(ds, s + j, count);
+    store_lanes<T>(wv, w + j, count);
   }
-  const T delta = hsum<T>(vdelta), delta0 = hsum<T>(vdelta0);
-  const V vd(delta);
-  // pass 2: s <- ds
-  int64_t j = 0;
-  if (norm) {
-    for (; j + W <= n; j += W) (V::loadu(s + j) * (V::loadu(dp + j) - vd)).store(s + j);
-    for (; j < n; ++j) s[j] = s[j] * (dp[j] - delta);
-  }
-  for (; j < n; j += W) {
+  return hsum<T>(vdelta0);
+}
+
+// This row's part of Delta = sum W dPk over keys [0, n), from the row itself, with the products rounded exactly as
+// backward_row rounds them: the plain form's backward uses it where scores are large (a row whose softmax is one-hot
+// then cancels u dPk against Delta exactly, as autograd through the reference does; Delta = g.o would leave the
+// rounding error of o, ~|s| ulps of dP, in dS). In: s as prepared (not modified), dp, keep as for backward_row.
+template <class T>
+inline T delta_row(const RowGrad<T>& r, const T* s, const T* dp, const T* keep, int64_t n, bool masked) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  if (r.linv == T(0)) return T(0);
+  const V vm(r.m), vl(r.linv), va(r.a), vc(r.c), zero(T(0)), ninf(-std::numeric_limits<T>::infinity());
+  V vdelta(T(0));
+  for (int64_t j = 0; j < n; j += W) {
     const int64_t count = std::min<int64_t>(W, n - j);
-    const bool tail = count < W;
-    const V x = tail ? load_tail<T>(s + j, count, -inf) : V::loadu(s + j);
-    const V g = tail ? load_tail<T>(dp + j, count, T(0)) : V::loadu(dp + j);
-    const V p = (x - vm).exp_u20() * vl;
-    const V u = (x - va) * vc;
-    V ds = p * ((u * g - vd) + vc * g);
-    if (masked || tail) ds = V::blendv(zero, ds, x != ninf);
-    if (tail) {
-      ds.store(s + j, count);
-    } else {
-      ds.store(s + j);
-    }
+    const Lanes<T> l = load_lanes<T>(s, dp, keep, j, count);
+    const V p = (l.x - vm).exp_u20() * vl;
+    const V u = (l.x - va) * vc;
+    const V g = keep == nullptr ? l.g : l.g * l.k;
+    V wv = u * p;
+    if (masked || count < W) wv = V::blendv(zero, wv, l.x != ninf);
+    vdelta = vdelta + wv * g;
   }
-  if (P.range_grad) {
-    if (a < T(0)) s[idx[0]] += c * (delta - delta0);
-    if (b > T(0)) s[idx[1]] -= c * delta;
-  }
+  return hsum<T>(vdelta);
 }
 
 }  // namespace sa_cpu

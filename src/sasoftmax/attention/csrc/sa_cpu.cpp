@@ -3,10 +3,13 @@
 // Forward, per task (batch b, query head h, block of `rows` query rows):
 //   S = scale * Q_blk K^T over all keys the block can see (one matrix product into a per-thread buffer);
 //   exact row math on whole rows (rows.h: ALiBi, float mask, bias, bool mask, dropout; max, min, exp, sum, weights);
-//   O_blk = W V (one matrix product), each row times its factor. Saved per row: max, 1/sum, a, arg-min, arg-max.
-// Backward, per task (batch b, key/value head, chunk of query blocks), looping over the group's query heads:
-//   S = scale * Q_blk K^T, dP = dO_blk V^T; row math (rows.h) gives dS and the applied weights W;
-//   dV += W^T dO_blk, dQ_blk = scale * dS K, dK += scale * dS^T Q_blk, dbias += dS (summed over broadcast dims).
+//   O_blk = W V (one matrix product), each row times its factor. Saved per row: max, 1/sum, a, min, arg-min, arg-max.
+// Backward, per task (batch b, key/value head, chunk of query blocks), looping over the group's query heads and, for
+// each query block, FlashAttention-2 style over blocks of kKeyBlock keys (the buffers stay in a core's L2):
+//   Delta = g.o per row first (the plain form with large scores: from the rows, see block_deltas);
+//   S = scale * Q_blk K_j^T, dP = dO_blk V_j^T; one pass of row math (rows.h) gives dS and the applied weights W;
+//   dV_j += W^T dO_blk, dQ_blk += scale * dS K_j, dK_j += scale * dS^T Q_blk, dbias += dS (summed over broadcast
+//   dims); then the range terms at each row's arg-min / arg-max key (O(D) per row).
 // The dk/dv of one key/value head are written by one task only (chunks of query blocks get their own partial sums
 // when there are fewer heads than threads). Everything runs in float32 (float64 for float64 inputs). q, k, v and the
 // output gradient are read in place with their strides when they are in the compute type (e.g. the (B, N, H, D)
@@ -168,6 +171,15 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return P;
 }
 
+// Per-row statistics saved by the forward: max, 1/sum of exp(s - max), a, min.
+constexpr int64_t kStats = 4;
+// Keys per block of the backward: its three (rows x keys) buffers and the block's dk/dv rows stay in a core's L2.
+// (The forward keeps whole rows: blocking its two products by keys made them slower, see docs/cpu_kernel.md.)
+constexpr int64_t kKeyBlock = 256;
+// The plain form's backward takes Delta from the rows (delta_row) instead of g.o in a query block whose scores reach
+// this magnitude (see delta_row; below it the two agree to the rounding of the reference itself).
+constexpr double kPlainDeltaBound = 32;
+
 template <class U>
 std::unique_ptr<U[]> buffer(int64_t n) {
   return std::unique_ptr<U[]>(new U[std::max<int64_t>(n, 1)]);
@@ -193,7 +205,7 @@ void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const
   at::parallel_for(0, ntasks, grain, [&](int64_t t0, int64_t t1) {
     auto S = buffer<T>(R * P.Nk);
     auto keep01 = buffer<T>(P.dropout ? P.Nk : 0);
-    auto factor = buffer<T>(R);
+    auto scan = std::unique_ptr<RowScan<T>[]>(new RowScan<T>[R]);
     auto Obuf = buffer<T>(out.direct ? 0 : R * P.Dv);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nblk, blk = zigzag(t % nblk, nblk, P.causal);
@@ -203,29 +215,34 @@ void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const
       T* Ob = out.template target<T>(bh * P.Nq + i0, Obuf.get());
       gemm<T>(false, true, nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, k.at(b, hk, 0), k.sn, T(0), S.get(), n);
       for (int64_t r = 0; r < nr; ++r) {
-        const int64_t i = i0 + r;
         T* s = S.get() + r * n;
-        const bool masked = prepare_row<T>(P, b, h, i, s, n);
-        if (P.dropout) dropout_row<T>(P, b, h, i, T(1), keep01.get(), n);
-        const RowStats<T> st = forward_row<T>(P, s, n, masked, want_idx, P.dropout ? keep01.get() : nullptr);
-        factor[r] = st.factor;
-        if (stats != nullptr) {
-          T* sp = stats + (bh * P.Nq + i) * 3;
-          sp[0] = st.m;
-          sp[1] = st.linv;
-          sp[2] = st.a;
-        }
-        if (want_idx) {
-          int64_t* ip = idx + (bh * P.Nq + i) * 2;
-          ip[0] = st.imin;
-          ip[1] = st.imax;
-        }
+        scan[r] = RowScan<T>();
+        scan_block<T>(scan[r], s, 0, n, prepare_row<T>(P, b, h, i0 + r, s, 0, n), want_idx);
+        if (P.dropout) dropout_row<T>(P, b, h, i0 + r, T(1), keep01.get(), 0, n);
+        weights_block<T>(scan[r], scan[r].a(P.normalize), s, n, P.dropout ? keep01.get() : nullptr);
       }
       gemm<T>(false, false, nr, P.Dv, n, T(1), S.get(), n, v.at(b, hk, 0), v.sn, T(0), Ob, P.Dv);
       for (int64_t r = 0; r < nr; ++r) {
+        const RowScan<T>& rs = scan[r];
+        const int64_t i = i0 + r;
+        const bool empty = rs.empty();
+        const T a = rs.a(P.normalize), linv = empty ? T(0) : T(1) / hsum<T>(rs.sum);
+        const T c = P.normalize ? T(1) / (std::max(rs.m, T(0)) - a + P.eps) : T(1);
+        const T f = c * linv * (P.dropout ? P.keep_scale : T(1));
         T* o = Ob + r * P.Dv;
-        const T f = factor[r];
         for (int64_t d = 0; d < P.Dv; ++d) o[d] *= f;
+        if (stats != nullptr) {
+          T* sp = stats + (bh * P.Nq + i) * kStats;
+          sp[0] = empty ? T(0) : rs.m;
+          sp[1] = linv;
+          sp[2] = a;
+          sp[3] = empty ? T(0) : rs.mn;
+        }
+        if (want_idx) {
+          int64_t* ip = idx + (bh * P.Nq + i) * 2;
+          ip[0] = rs.imin;
+          ip[1] = rs.imax;
+        }
       }
       out.template finish<T>(bh * P.Nq + i0, Obuf.get(), nr);
     }
@@ -243,16 +260,18 @@ struct BiasGrad {
     const int64_t tid = shared ? at::get_thread_num() : 0;
     return base + tid * numel + b * sb + h * sh + i * si;
   }
-  void add(int64_t b, int64_t h, int64_t i, const T* ds, int64_t n) const {
+  // keys [j0, j0 + n) of row (b, h, i) get ds[0, n)
+  void add(int64_t b, int64_t h, int64_t i, int64_t j0, const T* ds, int64_t n) const {
     T* d = row(b, h, i);
     if (nk == 1) {
       T acc = 0;
       for (int64_t j = 0; j < n; ++j) acc += ds[j];
       d[0] += acc;
     } else {
-      for (int64_t j = 0; j < n; ++j) d[j] += ds[j];
+      for (int64_t j = 0; j < n; ++j) d[j0 + j] += ds[j];
     }
   }
+  void add_at(int64_t b, int64_t h, int64_t i, int64_t j, T x) const { row(b, h, i)[nk == 1 ? 0 : j] += x; }
 };
 
 // The accumulator of one key/value head's dk (or dv), rows [0, Nk): the output itself (compute type, one chunk), a
@@ -283,69 +302,165 @@ struct Grads {
   bool dbias = false;
 };
 
-// One query block of the backward (rows [i0, i1) of query head h): recompute S and dP, the row math, then the
-// products into dq (rows of the block), and into the task's dk, dv accumulators (keys [0, n)).
+// What every backward task reads: the operands (g = the output gradient, o = the output), the forward's per-row
+// statistics, and where the gradients go.
 template <class T>
-struct BackwardBuffers {
-  std::unique_ptr<T[]> S, dP, W, keep, dQ, dK, dV;
+struct BackwardArgs {
+  const Problem<T>& P;
+  Mat<T> q, k, v, g, o;
+  const T* stats;
+  const int64_t* idx;
+  const Grads<T>& out;
+  const BiasGrad<T>& db;
 };
 
 template <class T>
-void backward_block(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const Mat<T>& v, const Mat<T>& g,
-                    const T* stats, const int64_t* idx, const Grads<T>& out, const BiasGrad<T>& db,
-                    BackwardBuffers<T>& buf, int64_t b, int64_t h, int64_t blk, T* dKb, T* dVb) {
+struct BackwardBuffers {
+  std::unique_ptr<T[]> S, dP, W, keep, dQ, dK, dV, delta0;
+  std::unique_ptr<RowGrad<T>[]> rows;
+};
+
+template <class T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+// S = scale Q_blk K_j^T and dP = dO_blk V_j^T of query rows [i0, i0 + nr) and keys [j0, j0 + nk) (ld nk).
+template <class T>
+void score_products(const BackwardArgs<T>& A, BackwardBuffers<T>& buf, int64_t b, int64_t h, int64_t i0, int64_t nr,
+                    int64_t j0, int64_t nk) {
+  const Problem<T>& P = A.P;
+  const int64_t hk = h / P.G;
+  gemm<T>(false, true, nr, nk, P.D, P.scale, A.q.at(b, h, i0), A.q.sn, A.k.at(b, hk, j0), A.k.sn, T(0), buf.S.get(),
+          nk);
+  gemm<T>(false, true, nr, nk, P.Dv, T(1), A.g.at(b, h, i0), A.g.sn, A.v.at(b, hk, j0), A.v.sn, T(0), buf.dP.get(),
+          nk);
+}
+
+// Delta of each row of the block [i0, i0 + nr) into buf.rows: g.o (FlashAttention-2), or, for the plain form where
+// the block's scores reach kPlainDeltaBound, from the rows themselves (one more pass of the two score products).
+template <class T>
+void block_deltas(const BackwardArgs<T>& A, BackwardBuffers<T>& buf, int64_t b, int64_t h, int64_t i0, int64_t nr,
+                  int64_t n) {
+  const Problem<T>& P = A.P;
+  const int64_t bh = b * P.Hq + h;
+  T big = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* st = A.stats + (bh * P.Nq + i0 + r) * kStats;
+    buf.rows[r] = row_grad<T>(P, st, T(0));
+    big = std::max(big, std::max(std::abs(st[0]), std::abs(st[3])));
+  }
+  if (P.normalize || double(big) < kPlainDeltaBound) {
+    for (int64_t r = 0; r < nr; ++r) buf.rows[r].delta = dot<T>(A.g.at(b, h, i0 + r), A.o.at(b, h, i0 + r), P.Dv);
+    return;
+  }
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, n - j0);
+    score_products<T>(A, buf, b, h, i0, nr, j0, nk);
+    for (int64_t r = 0; r < nr; ++r) {
+      T* s = buf.S.get() + r * nk;
+      const bool masked = prepare_row<T>(P, b, h, i0 + r, s, j0, nk);
+      if (P.dropout) dropout_row<T>(P, b, h, i0 + r, P.keep_scale, buf.keep.get(), j0, nk);
+      buf.rows[r].delta += delta_row<T>(buf.rows[r], s, buf.dP.get() + r * nk, P.dropout ? buf.keep.get() : nullptr,
+                                        nk, masked);
+    }
+  }
+}
+
+// The range terms of the block's rows (contract section 2): dL/da = c (Delta - Delta0) at the arg-min key (if a < 0)
+// and dL/db = -c Delta at the arg-max key (if b > 0), into dq (rows of the block), dk and dbias.
+template <class T>
+void range_terms(const BackwardArgs<T>& A, const BackwardBuffers<T>& buf, int64_t b, int64_t h, int64_t i0,
+                 int64_t nr, T* dQb, T* dKb) {
+  const Problem<T>& P = A.P;
+  const int64_t hk = h / P.G, bh = b * P.Hq + h;
+  for (int64_t r = 0; r < nr; ++r) {
+    const RowGrad<T>& rg = buf.rows[r];
+    if (rg.linv == T(0)) continue;
+    const int64_t* ip = A.idx + (bh * P.Nq + i0 + r) * 2;
+    const T terms[2] = {rg.a < T(0) ? rg.c * (rg.delta - buf.delta0[r]) : T(0),
+                        rg.m > T(0) ? -rg.c * rg.delta : T(0)};
+    const T* qi = A.q.at(b, h, i0 + r);
+    for (int t = 0; t < 2; ++t) {
+      if (terms[t] == T(0)) continue;
+      const T x = terms[t], sx = P.scale * x;
+      const T* kj = A.k.at(b, hk, ip[t]);
+      if (dQb != nullptr)
+        for (int64_t d = 0; d < P.D; ++d) dQb[r * P.D + d] += sx * kj[d];
+      if (dKb != nullptr)
+        for (int64_t d = 0; d < P.D; ++d) dKb[ip[t] * P.D + d] += sx * qi[d];
+      if (A.out.dbias) A.db.add_at(b, h, i0 + r, ip[t], x);
+    }
+  }
+}
+
+// One query block of the backward (rows [i0, i1) of query head h), FlashAttention-2 style: Delta per row first,
+// then per block of kKeyBlock keys: recompute S and dP, the row math, and the products into dq (rows of the block)
+// and into the task's dk, dv accumulators (the block's keys); the range terms last.
+template <class T>
+void backward_block(const BackwardArgs<T>& A, BackwardBuffers<T>& buf, int64_t b, int64_t h, int64_t blk, T* dKb,
+                    T* dVb) {
+  const Problem<T>& P = A.P;
   const int64_t hk = h / P.G, bh = b * P.Hq + h;
   const int64_t i0 = blk * P.rows, i1 = std::min(P.Nq, i0 + P.rows), nr = i1 - i0;
   const int64_t n = P.key_end(i1);
   T* S = buf.S.get();
-  T* dP = buf.dP.get();
   T* W = buf.W.get();
-  gemm<T>(false, true, nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, k.at(b, hk, 0), k.sn, T(0), S, n);
-  gemm<T>(false, true, nr, n, P.Dv, T(1), g.at(b, h, i0), g.sn, v.at(b, hk, 0), v.sn, T(0), dP, n);
-  for (int64_t r = 0; r < nr; ++r) {
-    const int64_t i = i0 + r;
-    T* s = S + r * n;
-    const bool masked = prepare_row<T>(P, b, h, i, s, n);
-    if (P.dropout) dropout_row<T>(P, b, h, i, P.keep_scale, buf.keep.get(), n);
-    const int64_t* ip = idx == nullptr ? nullptr : idx + (bh * P.Nq + i) * 2;
-    backward_row<T>(P, stats + (bh * P.Nq + i) * 3, ip, s, dP + r * n, W + r * n, n, masked,
-                    P.dropout ? buf.keep.get() : nullptr);
-    if (out.dbias) db.add(b, h, i, s, n);
+  block_deltas<T>(A, buf, b, h, i0, nr, n);
+  std::fill(buf.delta0.get(), buf.delta0.get() + nr, T(0));
+  T* dQb = A.out.dq == nullptr ? nullptr : A.out.dq->template target<T>(bh * P.Nq + i0, buf.dQ.get());
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, n - j0);
+    score_products<T>(A, buf, b, h, i0, nr, j0, nk);
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = i0 + r;
+      T* s = S + r * nk;
+      const bool masked = prepare_row<T>(P, b, h, i, s, j0, nk);
+      if (P.dropout) dropout_row<T>(P, b, h, i, P.keep_scale, buf.keep.get(), j0, nk);
+      buf.delta0[r] += backward_row<T>(P, buf.rows[r], s, buf.dP.get() + r * nk, P.dropout ? buf.keep.get() : nullptr,
+                                       W + r * nk, nk, masked);
+      if (A.out.dbias) A.db.add(b, h, i, j0, s, nk);
+    }
+    if (dVb != nullptr)
+      gemm<T>(true, false, nk, P.Dv, nr, T(1), W, nk, A.g.at(b, h, i0), A.g.sn, T(1), dVb + j0 * P.Dv, P.Dv);
+    if (dQb != nullptr)
+      gemm<T>(false, false, nr, P.D, nk, P.scale, S, nk, A.k.at(b, hk, j0), A.k.sn, j0 == 0 ? T(0) : T(1), dQb, P.D);
+    if (dKb != nullptr)
+      gemm<T>(true, false, nk, P.D, nr, P.scale, S, nk, A.q.at(b, h, i0), A.q.sn, T(1), dKb + j0 * P.D, P.D);
   }
-  if (dVb != nullptr) gemm<T>(true, false, n, P.Dv, nr, T(1), W, n, g.at(b, h, i0), g.sn, T(1), dVb, P.Dv);
-  if (out.dq != nullptr) {
-    T* dQb = out.dq->template target<T>(bh * P.Nq + i0, buf.dQ.get());
-    gemm<T>(false, false, nr, P.D, n, P.scale, S, n, k.at(b, hk, 0), k.sn, T(0), dQb, P.D);
-    out.dq->template finish<T>(bh * P.Nq + i0, buf.dQ.get(), nr);
-  }
-  if (dKb != nullptr) gemm<T>(true, false, n, P.D, nr, P.scale, S, n, q.at(b, h, i0), q.sn, T(1), dKb, P.D);
+  if (P.range_grad) range_terms<T>(A, buf, b, h, i0, nr, dQb, dKb);
+  if (dQb != nullptr) A.out.dq->template finish<T>(bh * P.Nq + i0, buf.dQ.get(), nr);
 }
 
 template <class T>
-void backward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const Mat<T>& v, const Mat<T>& g,
-                     const T* stats, const int64_t* idx, const Grads<T>& out, int64_t chunks, const BiasGrad<T>& db) {
-  const int64_t R = P.rows, nblk = (P.Nq + R - 1) / R;
+void backward_kernel(const BackwardArgs<T>& A, int64_t chunks) {
+  const Problem<T>& P = A.P;
+  const int64_t R = P.rows, nblk = (P.Nq + R - 1) / R, KB = std::min(kKeyBlock, std::max<int64_t>(P.Nk, 1));
   const int64_t ntasks = P.B * P.Hkv * chunks;
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     BackwardBuffers<T> buf;
-    buf.S = buffer<T>(R * P.Nk);
-    buf.dP = buffer<T>(R * P.Nk);
-    buf.W = buffer<T>(R * P.Nk);
-    buf.keep = buffer<T>(P.dropout ? P.Nk : 0);
-    buf.dQ = buffer<T>(out.dq != nullptr && !out.dq->direct ? R * P.D : 0);
-    buf.dK = buffer<T>(out.dk.needs_scratch() ? P.Nk * P.D : 0);
-    buf.dV = buffer<T>(out.dv.needs_scratch() ? P.Nk * P.Dv : 0);
+    buf.S = buffer<T>(R * KB);
+    buf.dP = buffer<T>(R * KB);
+    buf.W = buffer<T>(R * KB);
+    buf.keep = buffer<T>(P.dropout ? KB : 0);
+    buf.dQ = buffer<T>(A.out.dq != nullptr && !A.out.dq->direct ? R * P.D : 0);
+    buf.dK = buffer<T>(A.out.dk.needs_scratch() ? P.Nk * P.D : 0);
+    buf.dV = buffer<T>(A.out.dv.needs_scratch() ? P.Nk * P.Dv : 0);
+    buf.delta0 = buffer<T>(R);
+    buf.rows = std::unique_ptr<RowGrad<T>[]>(new RowGrad<T>[R]);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bk = t / chunks, chunk = t % chunks;
       const int64_t b = bk / P.Hkv, hk = bk % P.Hkv;
-      T* dKb = out.dk.begin(chunk, bk, buf.dK.get());
-      T* dVb = out.dv.begin(chunk, bk, buf.dV.get());
+      T* dKb = A.out.dk.begin(chunk, bk, buf.dK.get());
+      T* dVb = A.out.dv.begin(chunk, bk, buf.dV.get());
       const int64_t s0 = chunk * nblk / chunks, s1 = (chunk + 1) * nblk / chunks;
       for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h)
         for (int64_t slot = s0; slot < s1; ++slot)
-          backward_block<T>(P, q, k, v, g, stats, idx, out, db, buf, b, h, zigzag(slot, nblk, P.causal), dKb, dVb);
-      out.dk.end(bk, buf.dK.get());
-      out.dv.end(bk, buf.dV.get());
+          backward_block<T>(A, buf, b, h, zigzag(slot, nblk, P.causal), dKb, dVb);
+      A.out.dk.end(bk, buf.dK.get());
+      A.out.dv.end(bk, buf.dV.get());
     }
   });
 }
@@ -373,9 +488,6 @@ Options options(bool causal, double scale, bool normalize, bool detach_range, do
   return o;
 }
 
-// Returns {out (B, Hq, Nq, Dv) in q's dtype, stats (B, Hq, Nq, 3) [max, 1/sum, a] in the compute dtype or empty,
-// idx (B, Hq, Nq, 2) int64 [arg-min, arg-max] or empty}. Stats only with need_stats; idx only with need_stats and a
-// differentiated range (normalize and not detach_range).
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& keep,
                   const OptTensor& madd, const OptTensor& bias, const OptTensor& slopes, at::ScalarType ct) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "sa_cpu: q, k, v must be 4-d");
@@ -386,7 +498,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(keep->scalar_type() == at::kBool, "sa_cpu: the keep mask must be bool");
 }
 
-// Returns {out (B, Hq, Nq, Dv) in q's dtype, stats (B, Hq, Nq, 3) [max, 1/sum, a] in the compute dtype or empty,
+// Returns {out (B, Hq, Nq, Dv) in q's dtype, stats (B, Hq, Nq, 4) [max, 1/sum, a, min] in the compute dtype or empty,
 // idx (B, Hq, Nq, 2) int64 [arg-min, arg-max] or empty}. Stats only with need_stats; idx only with need_stats and a
 // differentiated range (normalize and not detach_range).
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& keep,
@@ -401,7 +513,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor out = at::empty({B, Hq, Nq, Dv}, q.options());
   const auto copt = q.options().dtype(ct);
   const bool want_idx = need_stats && normalize && !detach_range;
-  at::Tensor stats = need_stats ? at::empty({B, Hq, Nq, 3}, copt) : at::empty({0}, copt);
+  at::Tensor stats = need_stats ? at::empty({B, Hq, Nq, kStats}, copt) : at::empty({0}, copt);
   at::Tensor idx = want_idx ? at::empty({B, Hq, Nq, 2}, copt.dtype(at::kLong)) : at::empty({0}, copt.dtype(at::kLong));
   const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, seed, rows);
   AT_DISPATCH_FLOATING_TYPES(ct, "sa_cpu_forward", [&] {
@@ -452,7 +564,7 @@ at::Tensor kv_grad(const at::Tensor& like, bool need, int64_t chunks, at::Scalar
 // Returns {dq, dk, dv, dbias}, each in the dtype of its input (dbias in the bias's 4-d shape), or an empty tensor
 // where not requested.
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& stats, const at::Tensor& idx,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& stats, const at::Tensor& idx,
                                  const OptTensor& keep, const OptTensor& madd, const OptTensor& bias,
                                  const OptTensor& slopes, bool causal, double scale, bool normalize,
                                  bool detach_range, double eps, double dropout_p, int64_t seed, int64_t rows,
@@ -460,11 +572,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   pybind11::gil_scoped_release no_gil;
   const auto ct = compute_type(q);
   check_inputs(q, k, v, keep, madd, bias, slopes, ct);
-  TORCH_CHECK(stats.scalar_type() == ct && stats.dim() == 4, "sa_cpu: stats must come from sa_cpu.forward");
+  TORCH_CHECK(stats.scalar_type() == ct && stats.dim() == 4 && stats.size(3) == kStats,
+              "sa_cpu: stats must come from sa_cpu.forward");
+  TORCH_CHECK(out.dim() == 4 && out.size(2) == q.size(2) && out.size(3) == v.size(3),
+              "sa_cpu: `out` must be the forward's output (B, Hq, Nq, Dv)");
   const bool range_grad = normalize && !detach_range;
   TORCH_CHECK(!range_grad || idx.dim() == 4, "sa_cpu: the arg-min/arg-max indices are missing");
   need_dbias = need_dbias && bias.has_value() && bias->defined();
-  const auto ops = compute_operands({q, k, v, grad_out}, ct);
+  const auto ops = compute_operands({q, k, v, grad_out, out}, ct);
   const at::Tensor sc = stats.contiguous(), ic = range_grad ? idx.contiguous() : idx;
   const int64_t B = q.size(0), Hkv = k.size(1);
   const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, seed, rows);
@@ -476,17 +591,18 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   at::Tensor dk, dv, dbias;
   AT_DISPATCH_FLOATING_TYPES(ct, "sa_cpu_backward", [&] {
     const auto P = make_problem<scalar_t>(ops[0], ops[1], ops[2], keep, madd, bias, slopes, o);
-    Grads<scalar_t> out;
+    Grads<scalar_t> grads;
     const RowsOut dq_rows = need_dq ? rows_out(dq, ct) : RowsOut();
-    out.dq = need_dq ? &dq_rows : nullptr;
-    dk = kv_grad<scalar_t>(k, need_dk, chunks, ct, out.dk);
-    dv = kv_grad<scalar_t>(v, need_dv, chunks, ct, out.dv);
-    out.dbias = need_dbias;
+    grads.dq = need_dq ? &dq_rows : nullptr;
+    dk = kv_grad<scalar_t>(k, need_dk, chunks, ct, grads.dk);
+    dv = kv_grad<scalar_t>(v, need_dv, chunks, ct, grads.dv);
+    grads.dbias = need_dbias;
     BiasGrad<scalar_t> db;
     if (need_dbias) db = bias_grad<scalar_t>(*bias, dbias, B, Hkv, chunks, nthreads, ops[0].options());
-    backward_kernel<scalar_t>(P, mat<scalar_t>(ops[0]), mat<scalar_t>(ops[1]), mat<scalar_t>(ops[2]),
-                              mat<scalar_t>(ops[3]), sc.data_ptr<scalar_t>(),
-                              range_grad ? ic.data_ptr<int64_t>() : nullptr, out, chunks, db);
+    const BackwardArgs<scalar_t> A{P, mat<scalar_t>(ops[0]), mat<scalar_t>(ops[1]), mat<scalar_t>(ops[2]),
+                                   mat<scalar_t>(ops[3]), mat<scalar_t>(ops[4]), sc.data_ptr<scalar_t>(),
+                                   range_grad ? ic.data_ptr<int64_t>() : nullptr, grads, db};
+    backward_kernel<scalar_t>(A, chunks);
   });
   auto reduce = [&](const at::Tensor& t, at::ScalarType dt) {
     if (!t.defined()) return at::empty({0}, q.options());
