@@ -41,9 +41,11 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("sa_cpu.cpp",)
 HEADERS = ("gemm.h", "rows.h")
 
-# Query rows per block: about ROW_BUFFER_ELEMENTS scores per per-thread buffer (the backward keeps three of them),
-# between MIN_ROWS and MAX_ROWS. More rows per block reuse each streamed key/value row more often; measured on a
-# 2-core AVX2 CPU (docs/cpu_kernel.md), 128 rows beat 32 and 64 from N = 1024 to 4096 (at N = 4096 by 15-40%).
+# Query rows per block: about ROW_BUFFER_ELEMENTS scores in the forward's per-thread (rows x Nk) buffer, between
+# MIN_ROWS and MAX_ROWS (the backward's buffers are rows x 256). More rows per block reuse each streamed key/value
+# row more often. Measured on a 2-core AVX2 CPU (docs/cpu_kernel.md): in the forward 32-256 rows were within 5% of
+# each other, in the backward 128 or 256 rows with 128-512 keys per block within noise; with the earlier whole-row
+# backward 128 rows beat 32 and 64.
 ROW_BUFFER_ELEMENTS = 1 << 19
 MIN_ROWS = 16
 MAX_ROWS = 128

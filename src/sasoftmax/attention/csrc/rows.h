@@ -134,16 +134,15 @@ inline void dropout_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, T 
   }
 }
 
-// A row's statistics in the forward, gathered over its key blocks: max m and min mn of the visible scores with
-// their first keys (scan_block), whether -inf entries occur, and the vector sum of exp(s - m) (weights_block).
+// Row statistics the forward saves for the backward: max m, 1/sum(exp(s - m)), a = min(min s, 0), the min mn, and
+// the arg-min / arg-max keys. An empty row (no visible key) has m = linv = a = mn = 0, so that the backward's
+// P = exp(s - m) * linv = 0.
 template <class T>
-struct RowScan {
-  T m = -std::numeric_limits<T>::infinity(), mn = std::numeric_limits<T>::infinity();
-  int64_t imax = 0, imin = 0;
-  bool masked = false;
-  Vec<T> sum = Vec<T>(T(0));
-  bool empty() const { return m == -std::numeric_limits<T>::infinity(); }  // no visible key (or NaN scores)
-  T a(bool normalize) const { return normalize && !empty() ? std::min(mn, T(0)) : T(0); }
+struct RowStats {
+  T m = 0, linv = 0, a = 0, mn = 0;
+  T factor = 0;  // what the row of W.V is multiplied by to give the output: (c or 1) * linv (* 1/(1-p))
+  int64_t imin = 0, imax = 0;
+  bool empty = true;
 };
 
 // First index in [0, len) with s[j] == x (x finite), or -1.
@@ -180,15 +179,17 @@ inline void store_lanes(const Vec<T>& v, T* p, int64_t count) {
   }
 }
 
-// Forward pass 1 over keys [j0, j0 + n) of a prepared row, s[0, n) (-inf at masked keys when `masked`): folds
-// their max and visible min into rs, and (want_idx) the first key of each, so that over all blocks in order the
-// arg-max / arg-min are the row's first.
+// The forward row math in place: s[0, n) (scores, -inf at masked keys when `masked`) becomes the unnormalized
+// weights (s - a) e_j (normalized) or s e_j (plain) with e_j = exp(s_j - max), times keep01[j] (dropout, 0/1, or
+// null); zero at masked keys. The returned factor turns the row of W.V into the output row. Every key, the last
+// partial vector's too, goes through the same vector code, so the backward recomputes exactly these values.
 template <class T>
-inline void scan_block(RowScan<T>& rs, const T* s, int64_t j0, int64_t n, bool masked, bool want_idx) {
+inline RowStats<T> forward_row(const Problem<T>& P, T* s, int64_t n, bool masked, bool want_idx, const T* keep01) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const T inf = std::numeric_limits<T>::infinity();
-  const V ninf(-inf), pinf(inf);
+  const V ninf(-inf), pinf(inf), zero(T(0));
+  RowStats<T> st;
   V vmax(-inf), vmin(inf);
   for (int64_t j = 0; j < n; j += W) {
     const bool tail = j + W > n;
@@ -204,32 +205,19 @@ inline void scan_block(RowScan<T>& rs, const T* s, int64_t j0, int64_t n, bool m
     m = std::max(m, a1[t]);
     mn = std::min(mn, a2[t]);
   }
-  rs.masked = rs.masked || masked;
-  if (m > rs.m) {
-    rs.m = m;
-    if (want_idx) rs.imax = j0 + std::max<int64_t>(0, find_first<T>(s, n, m));
-  }
-  if (mn < rs.mn) {
-    rs.mn = mn;
-    if (want_idx) rs.imin = j0 + std::max<int64_t>(0, find_first<T>(s, n, mn));
-  }
-}
-
-// Forward pass 2 over the keys [0, n) of a block of a scanned row, in place: s becomes the unnormalized weights
-// (s - a) e (normalized) or s e (plain) with e = exp(s - m), times keep01 (dropout, 0/1, or null), zero at masked
-// keys (and everywhere in an empty row); the e are added to rs.sum. Every key, the last partial vector's too, goes
-// through the same vector code.
-template <class T>
-inline void weights_block(RowScan<T>& rs, T a, T* s, int64_t n, const T* keep01) {
-  using V = Vec<T>;
-  constexpr int64_t W = V::size();
-  if (rs.empty()) {
+  if (n == 0 || m == -inf) {  // no visible key (or NaN scores): a zero row
     for (int64_t j = 0; j < n; ++j) s[j] = T(0);
-    return;
+    return st;
   }
-  const T inf = std::numeric_limits<T>::infinity();
-  const V ninf(-inf), zero(T(0)), vm(rs.m), va(a);
-  V vsum = rs.sum;
+  st.empty = false;
+  const T a = P.normalize ? std::min(mn, T(0)) : T(0);
+  const T b = std::max(m, T(0));
+  if (want_idx) {
+    st.imax = std::max<int64_t>(0, find_first<T>(s, n, m));
+    st.imin = std::max<int64_t>(0, find_first<T>(s, n, mn));
+  }
+  const V vm(m), va(a);
+  V vsum(T(0));
   for (int64_t j = 0; j < n; j += W) {
     const int64_t count = std::min<int64_t>(W, n - j);
     const bool tail = count < W;
@@ -237,11 +225,17 @@ inline void weights_block(RowScan<T>& rs, T a, T* s, int64_t n, const T* keep01)
     const V e = (x - vm).exp_u20();
     vsum = vsum + e;
     V w = (x - va) * e;
-    if (rs.masked || tail) w = V::blendv(w, zero, x == ninf);
+    if (masked || tail) w = V::blendv(w, zero, x == ninf);
     if (keep01 != nullptr) w = w * (tail ? load_tail<T>(keep01 + j, count, T(0)) : V::loadu(keep01 + j));
     store_lanes<T>(w, s + j, count);
   }
-  rs.sum = vsum;
+  st.m = m;
+  st.linv = T(1) / hsum<T>(vsum);
+  st.a = a;
+  st.mn = mn;
+  const T c = P.normalize ? T(1) / (b - a + P.eps) : T(1);
+  st.factor = c * st.linv * (P.dropout ? P.keep_scale : T(1));
+  return st;
 }
 
 // What the backward row math needs of a row: the forward's statistics and Delta = g.o (section 2 of the contract).
@@ -261,20 +255,30 @@ inline RowGrad<T> row_grad(const Problem<T>& P, const T* stats, T delta) {
   return r;
 }
 
-// Vector lane loads of the backward row math: keys [j, j + count) of s (pad -inf), dp (pad 0), keep (pad 0).
+// The per-key quantities of the backward row math for keys [j, j + count) (count <= the vector width): x the score
+// (-inf at masked keys and past count), P, u = (x - a) c, dPk = dp * keep, the weight W = u P (0 at masked keys when
+// `masked` or count is short) and keep itself (1 without dropout). backward_row and delta_row both take them from
+// here, so that Delta from the rows is the sum of exactly the products the main pass subtracts it from.
 template <class T>
 struct Lanes {
-  Vec<T> x, g, k;
+  Vec<T> x, p, u, g, w, k;
 };
 
 template <class T>
-inline Lanes<T> load_lanes(const T* s, const T* dp, const T* keep, int64_t j, int64_t count) {
+inline Lanes<T> lanes(const RowGrad<T>& r, const T* s, const T* dp, const T* keep, int64_t j, int64_t count,
+                      bool masked) {
+  using V = Vec<T>;
   const T inf = std::numeric_limits<T>::infinity();
-  const bool tail = count < Vec<T>::size();
+  const bool tail = count < V::size();
   Lanes<T> l;
-  l.x = tail ? load_tail<T>(s + j, count, -inf) : Vec<T>::loadu(s + j);
-  l.g = tail ? load_tail<T>(dp + j, count, T(0)) : Vec<T>::loadu(dp + j);
-  l.k = keep == nullptr ? Vec<T>(T(1)) : (tail ? load_tail<T>(keep + j, count, T(0)) : Vec<T>::loadu(keep + j));
+  l.x = tail ? load_tail<T>(s + j, count, -inf) : V::loadu(s + j);
+  const V dpv = tail ? load_tail<T>(dp + j, count, T(0)) : V::loadu(dp + j);
+  l.k = keep == nullptr ? V(T(1)) : (tail ? load_tail<T>(keep + j, count, T(0)) : V::loadu(keep + j));
+  l.p = (l.x - V(r.m)).exp_u20() * V(r.linv);
+  l.u = (l.x - V(r.a)) * V(r.c);
+  l.g = keep == nullptr ? dpv : dpv * l.k;
+  l.w = l.u * l.p;
+  if (masked || tail) l.w = V::blendv(V(T(0)), l.w, l.x != V(-inf));  // (u = -inf there: blend, never multiply)
   return l;
 }
 
@@ -295,51 +299,40 @@ inline T backward_row(const Problem<T>& P, const RowGrad<T>& r, T* s, const T* d
     for (int64_t j = 0; j < n; ++j) s[j] = w[j] = T(0);
     return T(0);
   }
-  const V vm(r.m), vl(r.linv), va(r.a), vc(r.c), vd(r.delta), zero(T(0)), ninf(-std::numeric_limits<T>::infinity());
+  const V vc(r.c), vd(r.delta), zero(T(0)), ninf(-std::numeric_limits<T>::infinity());
   V vdelta0(T(0));
-  const bool norm = P.normalize;
   for (int64_t j = 0; j < n; j += W) {
     const int64_t count = std::min<int64_t>(W, n - j);
-    const Lanes<T> l = load_lanes<T>(s, dp, keep, j, count);
-    V p = (l.x - vm).exp_u20() * vl;
-    const V u = (l.x - va) * vc;
-    const V g = keep == nullptr ? l.g : l.g * l.k;
-    V wv = u * p;
-    V ds = norm ? p * ((u * g + vc * g) - vd) : p * ((u * g - vd) + vc * g);
-    if (masked || count < W) {  // (u = -inf there: blend, never multiply by 0)
+    const Lanes<T> l = lanes<T>(r, s, dp, keep, j, count, masked);
+    const V& g = l.g;
+    V p = l.p;
+    V ds = P.normalize ? p * ((l.u * g + vc * g) - vd) : p * ((l.u * g - vd) + vc * g);
+    if (masked || count < W) {
       const V vis = l.x != ninf;
       p = V::blendv(zero, p, vis);
-      wv = V::blendv(zero, wv, vis);
       ds = V::blendv(zero, ds, vis);
     }
     vdelta0 = vdelta0 + p * g;
-    if (keep != nullptr) wv = wv * l.k;
     store_lanes<T>(ds, s + j, count);
-    store_lanes<T>(wv, w + j, count);
+    store_lanes<T>(keep == nullptr ? l.w : l.w * l.k, w + j, count);
   }
   return hsum<T>(vdelta0);
 }
 
 // This row's part of Delta = sum W dPk over keys [0, n), from the row itself, with the products rounded exactly as
-// backward_row rounds them: the plain form's backward uses it where scores are large (a row whose softmax is one-hot
-// then cancels u dPk against Delta exactly, as autograd through the reference does; Delta = g.o would leave the
-// rounding error of o, ~|s| ulps of dP, in dS). In: s as prepared (not modified), dp, keep as for backward_row.
+// backward_row rounds them (both take them from lanes()): the plain form's backward uses it where scores are large
+// (a row whose softmax is one-hot then cancels u dPk against Delta exactly, as autograd through the reference does;
+// Delta = g.o would leave the rounding error of o, ~|s| ulps of dP, in dS). In: s as prepared (not modified), dp,
+// keep as for backward_row.
 template <class T>
 inline T delta_row(const RowGrad<T>& r, const T* s, const T* dp, const T* keep, int64_t n, bool masked) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   if (r.linv == T(0)) return T(0);
-  const V vm(r.m), vl(r.linv), va(r.a), vc(r.c), zero(T(0)), ninf(-std::numeric_limits<T>::infinity());
   V vdelta(T(0));
   for (int64_t j = 0; j < n; j += W) {
-    const int64_t count = std::min<int64_t>(W, n - j);
-    const Lanes<T> l = load_lanes<T>(s, dp, keep, j, count);
-    const V p = (l.x - vm).exp_u20() * vl;
-    const V u = (l.x - va) * vc;
-    const V g = keep == nullptr ? l.g : l.g * l.k;
-    V wv = u * p;
-    if (masked || count < W) wv = V::blendv(zero, wv, l.x != ninf);
-    vdelta = vdelta + wv * g;
+    const Lanes<T> l = lanes<T>(r, s, dp, keep, j, std::min<int64_t>(W, n - j), masked);
+    vdelta = vdelta + l.w * l.g;
   }
   return hsum<T>(vdelta);
 }

@@ -174,7 +174,7 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // Per-row statistics saved by the forward: max, 1/sum of exp(s - max), a, min.
 constexpr int64_t kStats = 4;
 // Keys per block of the backward: its three (rows x keys) buffers and the block's dk/dv rows stay in a core's L2.
-// (The forward keeps whole rows: blocking its two products by keys made them slower, see docs/cpu_kernel.md.)
+// (The forward keeps whole rows: blocking it by keys did not make it faster, see docs/cpu_kernel.md.)
 constexpr int64_t kKeyBlock = 256;
 // The plain form's backward takes Delta from the rows (delta_row) instead of g.o in a query block whose scores reach
 // this magnitude (see delta_row; below it the two agree to the rounding of the reference itself).
@@ -205,7 +205,7 @@ void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const
   at::parallel_for(0, ntasks, grain, [&](int64_t t0, int64_t t1) {
     auto S = buffer<T>(R * P.Nk);
     auto keep01 = buffer<T>(P.dropout ? P.Nk : 0);
-    auto scan = std::unique_ptr<RowScan<T>[]>(new RowScan<T>[R]);
+    auto factor = buffer<T>(R);
     auto Obuf = buffer<T>(out.direct ? 0 : R * P.Dv);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nblk, blk = zigzag(t % nblk, nblk, P.causal);
@@ -215,34 +215,30 @@ void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const
       T* Ob = out.template target<T>(bh * P.Nq + i0, Obuf.get());
       gemm<T>(false, true, nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, k.at(b, hk, 0), k.sn, T(0), S.get(), n);
       for (int64_t r = 0; r < nr; ++r) {
-        T* s = S.get() + r * n;
-        scan[r] = RowScan<T>();
-        scan_block<T>(scan[r], s, 0, n, prepare_row<T>(P, b, h, i0 + r, s, 0, n), want_idx);
-        if (P.dropout) dropout_row<T>(P, b, h, i0 + r, T(1), keep01.get(), 0, n);
-        weights_block<T>(scan[r], scan[r].a(P.normalize), s, n, P.dropout ? keep01.get() : nullptr);
-      }
-      gemm<T>(false, false, nr, P.Dv, n, T(1), S.get(), n, v.at(b, hk, 0), v.sn, T(0), Ob, P.Dv);
-      for (int64_t r = 0; r < nr; ++r) {
-        const RowScan<T>& rs = scan[r];
         const int64_t i = i0 + r;
-        const bool empty = rs.empty();
-        const T a = rs.a(P.normalize), linv = empty ? T(0) : T(1) / hsum<T>(rs.sum);
-        const T c = P.normalize ? T(1) / (std::max(rs.m, T(0)) - a + P.eps) : T(1);
-        const T f = c * linv * (P.dropout ? P.keep_scale : T(1));
-        T* o = Ob + r * P.Dv;
-        for (int64_t d = 0; d < P.Dv; ++d) o[d] *= f;
+        T* s = S.get() + r * n;
+        const bool masked = prepare_row<T>(P, b, h, i, s, 0, n);
+        if (P.dropout) dropout_row<T>(P, b, h, i, T(1), keep01.get(), 0, n);
+        const RowStats<T> st = forward_row<T>(P, s, n, masked, want_idx, P.dropout ? keep01.get() : nullptr);
+        factor[r] = st.factor;
         if (stats != nullptr) {
           T* sp = stats + (bh * P.Nq + i) * kStats;
-          sp[0] = empty ? T(0) : rs.m;
-          sp[1] = linv;
-          sp[2] = a;
-          sp[3] = empty ? T(0) : rs.mn;
+          sp[0] = st.m;
+          sp[1] = st.linv;
+          sp[2] = st.a;
+          sp[3] = st.mn;
         }
         if (want_idx) {
           int64_t* ip = idx + (bh * P.Nq + i) * 2;
-          ip[0] = rs.imin;
-          ip[1] = rs.imax;
+          ip[0] = st.imin;
+          ip[1] = st.imax;
         }
+      }
+      gemm<T>(false, false, nr, P.Dv, n, T(1), S.get(), n, v.at(b, hk, 0), v.sn, T(0), Ob, P.Dv);
+      for (int64_t r = 0; r < nr; ++r) {
+        T* o = Ob + r * P.Dv;
+        const T f = factor[r];
+        for (int64_t d = 0; d < P.Dv; ++d) o[d] *= f;
       }
       out.template finish<T>(bh * P.Nq + i0, Obuf.get(), nr);
     }
@@ -574,7 +570,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   check_inputs(q, k, v, keep, madd, bias, slopes, ct);
   TORCH_CHECK(stats.scalar_type() == ct && stats.dim() == 4 && stats.size(3) == kStats,
               "sa_cpu: stats must come from sa_cpu.forward");
-  TORCH_CHECK(out.dim() == 4 && out.size(2) == q.size(2) && out.size(3) == v.size(3),
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == q.size(0) && out.size(1) == q.size(1) && out.size(2) == q.size(2) &&
+                  out.size(3) == v.size(3),
               "sa_cpu: `out` must be the forward's output (B, Hq, Nq, Dv)");
   const bool range_grad = normalize && !detach_range;
   TORCH_CHECK(!range_grad || idx.dim() == 4, "sa_cpu: the arg-min/arg-max indices are missing");
