@@ -150,7 +150,8 @@ def _header(args) -> str:
     from sasoftmax.attention import cpp_backend
 
     err = cpp_backend.load_error()
-    backend = f"cpp (fused kernel, gemm: {cpp_backend.gemm_in_use()})" if err is None else f"chunked ({err})"
+    backend = (f"cpp (fused kernel, gemm: {cpp_backend.gemm_in_use()}, scores: {cpp_backend.score_products_in_use()})"
+               if err is None else f"chunked ({err})")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"CPU attention, {args.dtype}, B={args.batch}, H={args.heads}, D={args.head_dim}, "
             f"{'causal' if args.causal else 'not causal'} — {when}, {cpu_name()} ({vector_isa()}), "

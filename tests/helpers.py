@@ -38,16 +38,25 @@ BACKENDS = ["reference", "chunked", "cpp"]
 RUNNERS = [("reference", None), ("chunked", None), ("chunked", 1), ("chunked", 3), ("chunked", "N"), ("cpp", None),
            ("cpp", 1), ("cpp", 3)]
 RUNNER_IDS = ["reference", "chunked", "chunked-b1", "chunked-b3", "chunked-bN", "cpp", "cpp-b1", "cpp-b3"]
+# The fused kernel forms its float32 score products from K/V panels once enough query rows share a key/value head
+# (more than these small cases have): "panels" forces that path, for float32 matrices (float64 never takes it).
+F32_RUNNERS = [*RUNNERS, ("cpp", "panels")]
+F32_RUNNER_IDS = [*RUNNER_IDS, "cpp-panels"]
 
 
 def run_sa(backend: str, block_size: int | str | None, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
     """``sa_attention`` through ``backend``; for ``chunked``/``cpp`` with a ``block_size`` the backend is called
-    directly."""
+    directly; ``("cpp", "panels")``: the kernel with its panel score products on any shape."""
     from sasoftmax import sa_attention
     from sasoftmax.attention import prepare
     from sasoftmax.attention.chunked import chunked_attention
     from sasoftmax.attention.cpp_backend import cpp_attention
 
+    if backend == "cpp" and block_size == "panels":
+        from sasoftmax.attention.cpp_backend import extension
+
+        extension().set_panel_min_rows(1)  # until the test ends (tests/conftest.py restores the default)
+        return sa_attention(q, k, v, *args, backend="cpp", **kwargs)
     if backend in ("chunked", "cpp") and block_size is not None:
         rows = q.shape[2] if block_size == "N" else int(block_size)
         fn = chunked_attention if backend == "chunked" else cpp_attention

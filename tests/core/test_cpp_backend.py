@@ -151,22 +151,27 @@ def _many_key_blocks(dropout_p: float):
     return [q, k, v, bias], (keep,), kw
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("normalize,detach_range", VARIANTS)
-def test_many_key_blocks_match_the_oracle(normalize, detach_range):
+def test_many_key_blocks_match_the_oracle(normalize, detach_range, dtype):
     """Several key blocks per query block in the backward (Delta = g.o, Delta0 and the range terms gathered over
     the blocks, arg-min / arg-max keys in any block) with every feature: values and every gradient against the
-    float64 oracle, with the default query blocks and with 7 rows per block."""
+    float64 oracle, with the default query blocks and with 7 rows per block. In float32 (190 query rows per key/value
+    head) the score products come from K/V panels."""
     leaves, args, kw = _many_key_blocks(0.0)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves]
     q, k, v, bias = leaves
-    kw = dict(kw, normalize=normalize, detach_range=detach_range)
+    kw = dict(kw, bias=bias, normalize=normalize, detach_range=detach_range)
     ref, _ = oracle_attention(q, k, v, *args, **kw)
     g = _randn(*ref.shape, seed=33)
     ref_grads = grads_of(ref, leaves, g)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-4)
+    gtol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else tol
     for block in (None, 7):
         out = cpp_attention(prepare(q, k, v, *args, **kw), block_size=block)
-        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(out.double(), ref.double(), **tol)
         for name, a, b in zip("q k v bias".split(), grads_of(out, leaves, g), ref_grads, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"d{name}: {m}")
+            torch.testing.assert_close(a.double(), b.double(), **gtol, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("normalize,detach_range", VARIANTS)
@@ -409,3 +414,67 @@ def test_overlapping_and_broadcast_qkv_views():
         got = sa_attention(qq, kk, vv, backend="cpp")
         want = sa_attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), backend="reference")
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def _with_panel_rows(rows: int, fn):
+    ext = cpp_backend.extension()
+    before = ext.set_panel_min_rows(rows)
+    try:
+        return fn()
+    finally:
+        ext.set_panel_min_rows(before)
+
+
+# (B, Hq, Hkv, Nq, Nk, D, Dv): single keys and rows, partial last panels (kPanel is 16 with AVX2, 32 with AVX512),
+# GQA, head dims that fill no vector, and several of the backward's 256-key blocks
+_PANEL_SHAPES = [(1, 2, 1, 5, 1, 3, 2), (1, 1, 1, 1, 50, 80, 48), (2, 4, 2, 33, 17, 7, 5), (1, 2, 1, 31, 33, 16, 8),
+                 (1, 2, 2, 40, 600, 64, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", _PANEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("features", ["none", "all"])
+def test_panel_and_blas_score_products_agree(shape, features, dtype):
+    """The two ways the kernel forms S = Q K^T and dP = dO V^T (K/V packed into panels once per call, or BLAS on
+    each block) give the same output and gradients, on shapes with partial panels and several key blocks, with and
+    without causal/mask/bias/ALiBi, in a transposed (B, N, H, D) layout."""
+    B, Hq, Hkv, Nq, Nk, D, Dv = shape
+    g = torch.Generator().manual_seed(40)
+    q = torch.randn(B, Nq, Hq, D, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, Nk, Hkv, D, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, Hkv, Nk, Dv, generator=g).to(dtype).requires_grad_()
+    leaves, args, kw = [q, k, v], (), {}
+    if features == "all":
+        bias = torch.randn(1, Hq, Nq, Nk, generator=g).to(dtype).requires_grad_()
+        keep = torch.rand(B, 1, Nq, Nk, generator=g) > 0.2
+        leaves, args = [q, k, v, bias], (keep,)
+        kw = dict(bias=bias, is_causal=True, alibi_slopes=torch.linspace(0.5, 0.01, Hq))
+    go = torch.randn(B, Hq, Nq, Dv, generator=g)
+    results = {}
+    for name, rows in (("panels", 1), ("blas", 2**62)):
+        for normalize in (True, False):
+            def call(normalize=normalize):
+                out = sa_attention(q, k, v, *args, normalize=normalize, backend="cpp", **kw)
+                return [out, *grads_of(out, leaves, go)]
+            results[name, normalize] = _with_panel_rows(rows, call)
+    tol = dict(atol=2e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for normalize in (True, False):
+        for a, b in zip(results["panels", normalize], results["blas", normalize], strict=True):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_panels_are_the_default_path_on_vector_builds():
+    """On an AVX2/AVX512 build (CI's) the panel score products are compiled in and on by default; the environment
+    switch turns them off in a fresh process."""
+    ext = cpp_backend.extension()
+    if ext.capability() == "DEFAULT":
+        pytest.skip("a build without AVX2/AVX512 has no panel code")
+    assert ext.panels_available()
+    assert cpp_backend.score_products_in_use().startswith("panels"), cpp_backend.score_products_in_use()
+    code = "from sasoftmax.attention import cpp_backend; print(cpp_backend.score_products_in_use())"
+    env = dict(os.environ, SASOFTMAX_CPU_PANELS="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "blas (SASOFTMAX_CPU_PANELS=0)", res.stdout
+

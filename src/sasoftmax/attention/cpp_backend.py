@@ -33,13 +33,14 @@ from torch import Tensor
 
 from .inputs import AttentionInputs
 
-__all__ = ["build", "extension", "load_error", "gemm_in_use", "unsupported_reason", "cpp_attention", "block_rows"]
+__all__ = ["build", "extension", "load_error", "gemm_in_use", "score_products_in_use", "unsupported_reason",
+           "cpp_attention", "block_rows"]
 
 log = logging.getLogger("sasoftmax.attention")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("sa_cpu.cpp",)
-HEADERS = ("gemm.h", "rows.h")
+HEADERS = tuple(sorted(p.name for p in CSRC.glob("*.h")))  # all of them: any edit rebuilds
 
 # Query rows per block: about ROW_BUFFER_ELEMENTS scores in the forward's per-thread (rows x Nk) buffer, between
 # MIN_ROWS and MAX_ROWS (the backward's buffers are rows x 256). More rows per block reuse each streamed key/value
@@ -172,8 +173,22 @@ def build() -> ModuleType | None:
                 ext = None
         if ext is not None:
             _STATE["gemm"] = ext.select_gemm(os.environ.get("SASOFTMAX_CPU_GEMM", "blas").strip() or "blas")
+            _STATE["scores"] = _select_score_products(ext)
         _STATE.update(done=True, ext=ext, error=err)
         return ext
+
+
+def _select_score_products(ext: ModuleType) -> str:
+    """Sets how the kernel forms S = Q K^T and dP = dO V^T; returns a description. By default K and V are packed
+    into panels once per call (csrc/panels.h) when at least ``ext.DEFAULT_PANEL_MIN_ROWS`` query rows share each
+    key/value head; ``SASOFTMAX_CPU_PANELS=0`` keeps BLAS for them."""
+    if not ext.panels_available():
+        return "blas (this build has no AVX2/AVX512 panel code)"
+    if os.environ.get("SASOFTMAX_CPU_PANELS", "").strip() in ("0", "false", "no", "off"):
+        ext.set_panel_min_rows(2**62)
+        return "blas (SASOFTMAX_CPU_PANELS=0)"
+    ext.set_panel_min_rows(ext.DEFAULT_PANEL_MIN_ROWS)
+    return f"panels from {ext.DEFAULT_PANEL_MIN_ROWS} query rows per kv head"
 
 
 def _constant_when_compiled(fn):
@@ -204,6 +219,13 @@ def gemm_in_use() -> str | None:
     """Which matrix-product implementation the kernel uses ("blas" or "aten (why)"), None if not loaded."""
     build()
     return _STATE.get("gemm")  # type: ignore[return-value]
+
+
+def score_products_in_use() -> str | None:
+    """How the kernel forms its score products ("panels from N query rows per kv head" or "blas (why)"), None if
+    not loaded."""
+    build()
+    return _STATE.get("scores")  # type: ignore[return-value]
 
 
 def unsupported_reason(inp: AttentionInputs) -> str | None:
@@ -262,6 +284,7 @@ def main() -> int:
     if ext is None:
         print(f"sasoftmax: fused CPU kernel unavailable: {_STATE.get('error')}; the chunked backend will be used")
         return 1
-    print(f"sasoftmax: fused CPU kernel ready ({ext.capability()}, gemm: {_STATE.get('gemm')}) in "
+    print(f"sasoftmax: fused CPU kernel ready ({ext.capability()}, gemm: {_STATE.get('gemm')}, scores: "
+          f"{_STATE.get('scores')}) in "
           f"{_root() / _name()}")
     return 0

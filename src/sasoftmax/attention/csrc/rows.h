@@ -183,27 +183,34 @@ inline void store_lanes(const Vec<T>& v, T* p, int64_t count) {
 // weights (s - a) e_j (normalized) or s e_j (plain) with e_j = exp(s_j - max), times keep01[j] (dropout, 0/1, or
 // null); zero at masked keys. The returned factor turns the row of W.V into the output row. Every key, the last
 // partial vector's too, goes through the same vector code, so the backward recomputes exactly these values.
+// `range`: the row's [max, min] when the caller has them (then s holds no -inf and masked is false), else null.
 template <class T>
-inline RowStats<T> forward_row(const Problem<T>& P, T* s, int64_t n, bool masked, bool want_idx, const T* keep01) {
+inline RowStats<T> forward_row(const Problem<T>& P, T* s, int64_t n, bool masked, bool want_idx, const T* keep01,
+                               const T* range = nullptr) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const T inf = std::numeric_limits<T>::infinity();
   const V ninf(-inf), pinf(inf), zero(T(0));
   RowStats<T> st;
-  V vmax(-inf), vmin(inf);
-  for (int64_t j = 0; j < n; j += W) {
-    const bool tail = j + W > n;
-    const V x = tail ? load_tail<T>(s + j, n - j, -inf) : V::loadu(s + j);
-    vmax = at::vec::maximum(vmax, x);
-    vmin = at::vec::minimum(vmin, (masked || tail) ? V::blendv(x, pinf, x == ninf) : x);
-  }
-  alignas(64) T a1[W], a2[W];
-  vmax.store(a1);
-  vmin.store(a2);
   T m = -inf, mn = inf;
-  for (int64_t t = 0; t < W; ++t) {
-    m = std::max(m, a1[t]);
-    mn = std::min(mn, a2[t]);
+  if (range != nullptr) {  // [max, min] already gathered by the score product (an unmasked row)
+    m = range[0];
+    mn = range[1];
+  } else {
+    V vmax(-inf), vmin(inf);
+    for (int64_t j = 0; j < n; j += W) {
+      const bool tail = j + W > n;
+      const V x = tail ? load_tail<T>(s + j, n - j, -inf) : V::loadu(s + j);
+      vmax = at::vec::maximum(vmax, x);
+      vmin = at::vec::minimum(vmin, (masked || tail) ? V::blendv(x, pinf, x == ninf) : x);
+    }
+    alignas(64) T a1[W], a2[W];
+    vmax.store(a1);
+    vmin.store(a2);
+    for (int64_t t = 0; t < W; ++t) {
+      m = std::max(m, a1[t]);
+      mn = std::min(mn, a2[t]);
+    }
   }
   if (n == 0 || m == -inf) {  // no visible key (or NaN scores): a zero row
     for (int64_t j = 0; j < n; ++j) s[j] = T(0);

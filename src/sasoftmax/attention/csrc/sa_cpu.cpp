@@ -25,6 +25,7 @@
 
 #include "convert.h"
 #include "gemm.h"
+#include "panels.h"
 #include "rows.h"
 
 namespace sa_cpu {
@@ -197,13 +198,18 @@ inline int64_t grain_for(int64_t work_per_task) { return std::max<int64_t>(1, (i
 
 template <class T>
 void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const Mat<T>& v, const RowsOut& out,
-                    T* stats, int64_t* idx) {
+                    T* stats, int64_t* idx, const float* key_panels) {
   const int64_t R = P.rows, nblk = (P.Nq + R - 1) / R;
   const int64_t ntasks = P.B * P.Hq * nblk;
   const bool want_idx = idx != nullptr;
   const int64_t grain = grain_for(R * P.Nk * (P.D + P.Dv));
+  // rows nothing is added to or hidden from: the score product can gather their max and min (panels only)
+  const bool plain_rows = !P.causal && P.slopes == nullptr && !P.madd.present() && !P.bias.present() &&
+                          !P.keep.present();
   at::parallel_for(0, ntasks, grain, [&](int64_t t0, int64_t t1) {
     auto S = buffer<T>(R * P.Nk);
+    auto range = buffer<float>(key_panels != nullptr && plain_rows ? R * kPanel : 0);
+    const bool fold = key_panels != nullptr && plain_rows;
     auto keep01 = buffer<T>(P.dropout ? P.Nk : 0);
     auto factor = buffer<T>(R);
     auto Obuf = buffer<T>(out.direct ? 0 : R * P.Dv);
@@ -213,13 +219,25 @@ void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const
       const int64_t i0 = blk * R, i1 = std::min(P.Nq, i0 + R), nr = i1 - i0;
       const int64_t n = P.key_end(i1);
       T* Ob = out.template target<T>(bh * P.Nq + i0, Obuf.get());
-      gemm<T>(false, true, nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, k.at(b, hk, 0), k.sn, T(0), S.get(), n);
+      if constexpr (std::is_same_v<T, float>) {
+        if (key_panels != nullptr) {
+          const float* kp = key_panels + (b * P.Hkv + hk) * panel_count(P.Nk) * P.D * kPanel;
+          scores_from_panels(nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, kp, S.get(), n, fold ? range.get() : nullptr);
+        }
+      }
+      if (key_panels == nullptr)
+        gemm<T>(false, true, nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, k.at(b, hk, 0), k.sn, T(0), S.get(), n);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
         T* s = S.get() + r * n;
         const bool masked = prepare_row<T>(P, b, h, i, s, 0, n);
         if (P.dropout) dropout_row<T>(P, b, h, i, T(1), keep01.get(), 0, n);
-        const RowStats<T> st = forward_row<T>(P, s, n, masked, want_idx, P.dropout ? keep01.get() : nullptr);
+        T mm[2];
+        if constexpr (std::is_same_v<T, float>) {
+          if (fold) range_of(range.get() + r * kPanel, mm[0], mm[1]);
+        }
+        const RowStats<T> st =
+            forward_row<T>(P, s, n, masked, want_idx, P.dropout ? keep01.get() : nullptr, fold ? mm : nullptr);
         factor[r] = st.factor;
         if (stats != nullptr) {
           T* sp = stats + (bh * P.Nq + i) * kStats;
@@ -308,6 +326,8 @@ struct BackwardArgs {
   const int64_t* idx;
   const Grads<T>& out;
   const BiasGrad<T>& db;
+  const float* kp = nullptr;  // K and V as panels (panels.h; float32 only), or null: S and dP by BLAS
+  const float* vp = nullptr;
 };
 
 template <class T>
@@ -329,6 +349,17 @@ void score_products(const BackwardArgs<T>& A, BackwardBuffers<T>& buf, int64_t b
                     int64_t j0, int64_t nk) {
   const Problem<T>& P = A.P;
   const int64_t hk = h / P.G;
+  if constexpr (std::is_same_v<T, float>) {
+    if (A.kp != nullptr) {  // the forward's score product, so S is bit for bit the forward's
+      static_assert(kKeyBlock % kPanel == 0, "key blocks must start at a panel");
+      const int64_t first = (b * P.Hkv + hk) * panel_count(P.Nk) + j0 / kPanel;
+      scores_from_panels(nr, nk, P.D, P.scale, A.q.at(b, h, i0), A.q.sn, A.kp + first * P.D * kPanel, buf.S.get(),
+                         nk, nullptr);
+      scores_from_panels(nr, nk, P.Dv, 1.f, A.g.at(b, h, i0), A.g.sn, A.vp + first * P.Dv * kPanel, buf.dP.get(),
+                         nk, nullptr);
+      return;
+    }
+  }
   gemm<T>(false, true, nr, nk, P.D, P.scale, A.q.at(b, h, i0), A.q.sn, A.k.at(b, hk, j0), A.k.sn, T(0), buf.S.get(),
           nk);
   gemm<T>(false, true, nr, nk, P.Dv, T(1), A.g.at(b, h, i0), A.g.sn, A.v.at(b, hk, j0), A.v.sn, T(0), buf.dP.get(),
@@ -504,7 +535,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   pybind11::gil_scoped_release no_gil;
   const auto ct = compute_type(q);
   check_inputs(q, k, v, keep, madd, bias, slopes, ct);
-  const auto ops = compute_operands({q, k, v}, ct);
+  // K as float32 panels (converted and transposed in one pass) when enough query rows share each of its heads
+  const bool panels = use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)));
+  const auto ops = compute_operands(panels ? std::vector<at::Tensor>{q, v} : std::vector<at::Tensor>{q, k, v}, ct);
+  const at::Tensor& qc = ops[0];
+  const at::Tensor& kc = panels ? k : ops[1];
+  const at::Tensor& vc = ops.back();
+  const at::Tensor kp = panels ? pack_panels(k) : at::Tensor();
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Dv = v.size(3);
   at::Tensor out = at::empty({B, Hq, Nq, Dv}, q.options());
   const auto copt = q.options().dtype(ct);
@@ -513,10 +550,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor idx = want_idx ? at::empty({B, Hq, Nq, 2}, copt.dtype(at::kLong)) : at::empty({0}, copt.dtype(at::kLong));
   const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, seed, rows);
   AT_DISPATCH_FLOATING_TYPES(ct, "sa_cpu_forward", [&] {
-    const auto P = make_problem<scalar_t>(ops[0], ops[1], ops[2], keep, madd, bias, slopes, o);
-    forward_kernel<scalar_t>(P, mat<scalar_t>(ops[0]), mat<scalar_t>(ops[1]), mat<scalar_t>(ops[2]),
+    const auto P = make_problem<scalar_t>(qc, kc, vc, keep, madd, bias, slopes, o);
+    forward_kernel<scalar_t>(P, mat<scalar_t>(qc), panels ? Mat<scalar_t>{} : mat<scalar_t>(kc), mat<scalar_t>(vc),
                              rows_out(out, ct), need_stats ? stats.data_ptr<scalar_t>() : nullptr,
-                             want_idx ? idx.data_ptr<int64_t>() : nullptr);
+                             want_idx ? idx.data_ptr<int64_t>() : nullptr, panels ? kp.data_ptr<float>() : nullptr);
   });
   return {out, stats, idx};
 }
@@ -576,7 +613,15 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   const bool range_grad = normalize && !detach_range;
   TORCH_CHECK(!range_grad || idx.dim() == 4, "sa_cpu: the arg-min/arg-max indices are missing");
   need_dbias = need_dbias && bias.has_value() && bias->defined();
-  const auto ops = compute_operands({q, k, v, grad_out, out}, ct);
+  // the forward's choice (same rule), so the recomputed scores are the forward's
+  const bool panels = use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)));
+  const auto ops = compute_operands(panels ? std::vector<at::Tensor>{q, k, grad_out, out}
+                                           : std::vector<at::Tensor>{q, k, v, grad_out, out}, ct);
+  const at::Tensor& vc = panels ? v : ops[2];
+  const at::Tensor& gc = ops[panels ? 2 : 3];
+  const at::Tensor& oc = ops[panels ? 3 : 4];
+  const at::Tensor kp = panels ? pack_panels(k) : at::Tensor();
+  const at::Tensor vp = panels ? pack_panels(v) : at::Tensor();
   const at::Tensor sc = stats.contiguous(), ic = range_grad ? idx.contiguous() : idx;
   const int64_t B = q.size(0), Hkv = k.size(1);
   const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, seed, rows);
@@ -587,7 +632,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   at::Tensor dq = need_dq ? at::empty(q.sizes(), q.options()) : at::Tensor();
   at::Tensor dk, dv, dbias;
   AT_DISPATCH_FLOATING_TYPES(ct, "sa_cpu_backward", [&] {
-    const auto P = make_problem<scalar_t>(ops[0], ops[1], ops[2], keep, madd, bias, slopes, o);
+    const auto P = make_problem<scalar_t>(ops[0], ops[1], vc, keep, madd, bias, slopes, o);
     Grads<scalar_t> grads;
     const RowsOut dq_rows = need_dq ? rows_out(dq, ct) : RowsOut();
     grads.dq = need_dq ? &dq_rows : nullptr;
@@ -596,9 +641,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     grads.dbias = need_dbias;
     BiasGrad<scalar_t> db;
     if (need_dbias) db = bias_grad<scalar_t>(*bias, dbias, B, Hkv, chunks, nthreads, ops[0].options());
-    const BackwardArgs<scalar_t> A{P, mat<scalar_t>(ops[0]), mat<scalar_t>(ops[1]), mat<scalar_t>(ops[2]),
-                                   mat<scalar_t>(ops[3]), mat<scalar_t>(ops[4]), sc.data_ptr<scalar_t>(),
-                                   range_grad ? ic.data_ptr<int64_t>() : nullptr, grads, db};
+    const BackwardArgs<scalar_t> A{P, mat<scalar_t>(ops[0]), mat<scalar_t>(ops[1]),
+                                   panels ? Mat<scalar_t>{} : mat<scalar_t>(vc), mat<scalar_t>(gc), mat<scalar_t>(oc),
+                                   sc.data_ptr<scalar_t>(), range_grad ? ic.data_ptr<int64_t>() : nullptr, grads, db,
+                                   panels ? kp.data_ptr<float>() : nullptr, panels ? vp.data_ptr<float>() : nullptr};
     backward_kernel<scalar_t>(A, chunks);
   });
   auto reduce = [&](const at::Tensor& t, at::ScalarType dt) {
@@ -627,5 +673,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &sa_cpu::forward, "SA attention forward");
   m.def("backward", &sa_cpu::backward, "SA attention backward");
   m.def("select_gemm", &sa_cpu::select_gemm, "choose the matrix-product implementation ('blas' or 'aten')");
+  m.def("set_panel_min_rows", &sa_cpu::set_panel_min_rows,
+        "query rows per key/value head from which the score products use K/V panels; returns the previous value");
+  m.attr("DEFAULT_PANEL_MIN_ROWS") = sa_cpu::kDefaultPanelMinRows;
+  m.def("panels_available", []() { return sa_cpu::kPanelsAvailable; }, "whether this build has the panel path");
   m.def("capability", &sa_cpu::capability, "the vector instruction set the kernel was compiled for");
 }
