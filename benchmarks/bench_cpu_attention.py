@@ -88,22 +88,27 @@ def _fwd(impl: str, q, k, v, causal: bool) -> None:
         _attend(impl, q, k, v, causal)
 
 
+def time_steps(steps: dict, reps: int) -> dict:
+    """Median seconds of each step (a callable), the steps run in turn ``reps`` times after one warm-up round."""
+    for step in steps.values():
+        step()
+    times: dict = {key: [] for key in steps}
+    for _ in range(reps):
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
 def time_alternating(n: int, impls: list[str], args) -> dict[str, dict[str, float]]:
     """Median seconds of forward+backward ("fb") and forward alone ("fwd") per implementation, all in turn."""
     q, k, v, g = _inputs(n, args, grad=True)
     steps = {("fb", i): (lambda i=i: _fwd_bwd(i, q, k, v, g, args.causal)) for i in impls}
     steps.update({("fwd", i): (lambda i=i: _fwd(i, q, k, v, args.causal)) for i in impls})
-    for step in steps.values():  # warm-up
-        step()
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    for _ in range(args.reps):
-        for key, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[key].append(time.perf_counter() - t0)
     out: dict[str, dict[str, float]] = {i: {} for i in impls}
-    for (mode, impl), ts in times.items():
-        out[impl][mode] = statistics.median(ts)
+    for (mode, impl), t in time_steps(steps, args.reps).items():
+        out[impl][mode] = t
     return out
 
 

@@ -46,6 +46,21 @@ def test_gpu_benchmark_table_format(tmp_path: Path) -> None:
     assert "1.00" in mod._fmt_line(rows[0]) and mod._fmt_line(rows[1]).endswith("OOM")
 
 
+def test_cpu_scores_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "scores.md"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cpu_scores.py"), "--lengths", "40", "--batch", "1",
+         "--heads", "2", "--head-dim", "8", "--reps", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if res.returncode == 2:
+        pytest.skip(res.stdout.strip())
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 40 ")]
+    assert [r.split(" | ")[1] for r in rows] == ["fwd+bwd", "fwd"]
+    assert all(sum(c.strip().endswith("x") for c in r.split("|")) == 4 for r in rows), rows  # the four ratios
+
+
 def test_cpu_attention_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "cpu.md"
     res = subprocess.run(

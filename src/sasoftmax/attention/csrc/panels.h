@@ -43,8 +43,8 @@ inline std::atomic<int64_t>& panel_min_rows() {
 
 inline int64_t set_panel_min_rows(int64_t n) { return panel_min_rows().exchange(std::max<int64_t>(n, 1)); }
 
-inline bool use_panels(at::ScalarType ct, int64_t rows_per_kv_head) {
-  return kPanelsAvailable && ct == at::kFloat && rows_per_kv_head >= panel_min_rows().load();
+inline bool use_panels(at::ScalarType ct, int64_t rows_per_kv_head, int64_t Nk) {
+  return kPanelsAvailable && ct == at::kFloat && Nk > 0 && rows_per_kv_head >= panel_min_rows().load();
 }
 
 inline int64_t panel_count(int64_t Nk) { return (Nk + kPanel - 1) / kPanel; }

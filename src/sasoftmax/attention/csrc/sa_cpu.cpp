@@ -1,20 +1,22 @@
 // Fused SA-Softmax attention for the CPU: forward and analytic backward (docs/contract.md, docs/cpu_kernel.md).
 //
 // Forward, per task (batch b, query head h, block of `rows` query rows):
-//   S = scale * Q_blk K^T over all keys the block can see (one matrix product into a per-thread buffer);
+//   S = scale * Q_blk K^T over all keys the block can see, into a per-thread buffer (from K panels, panels.h, for
+//   float32 compute with enough query rows per key/value head, with the row max/min of unmasked rows; else BLAS);
 //   exact row math on whole rows (rows.h: ALiBi, float mask, bias, bool mask, dropout; max, min, exp, sum, weights);
 //   O_blk = W V (one matrix product), each row times its factor. Saved per row: max, 1/sum, a, min, arg-min, arg-max.
 // Backward, per task (batch b, key/value head, chunk of query blocks), looping over the group's query heads and, for
 // each query block, FlashAttention-2 style over blocks of kKeyBlock keys (the buffers stay in a core's L2):
 //   Delta = g.o per row first (the plain form with large scores: from the rows, see block_deltas);
-//   S = scale * Q_blk K_j^T, dP = dO_blk V_j^T; one pass of row math (rows.h) gives dS and the applied weights W;
+//   S = scale * Q_blk K_j^T, dP = dO_blk V_j^T (the forward's way: panels or BLAS); one pass of row math (rows.h)
+//   gives dS and the applied weights W;
 //   dV_j += W^T dO_blk, dQ_blk += scale * dS K_j, dK_j += scale * dS^T Q_blk, dbias += dS (summed over broadcast
 //   dims); then the range terms at each row's arg-min / arg-max key (O(D) per row).
 // The dk/dv of one key/value head are written by one task only (chunks of query blocks get their own partial sums
 // when there are fewer heads than threads). Everything runs in float32 (float64 for float64 inputs). q, k, v and the
 // output gradient are read in place with their strides when they are in the compute type (e.g. the (B, N, H, D)
-// layout of a model's projections, transposed); half inputs are converted to float32 in one parallel pass, and the
-// results are written in the caller's dtype by the tasks themselves.
+// layout of a model's projections, transposed); half inputs are converted to float32 in one parallel pass (K and V
+// as they are packed into panels), and the results are written in the caller's dtype by the tasks themselves.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -536,7 +538,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const auto ct = compute_type(q);
   check_inputs(q, k, v, keep, madd, bias, slopes, ct);
   // K as float32 panels (converted and transposed in one pass) when enough query rows share each of its heads
-  const bool panels = use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)));
+  const bool panels = use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)), k.size(2));
   const auto ops = compute_operands(panels ? std::vector<at::Tensor>{q, v} : std::vector<at::Tensor>{q, k, v}, ct);
   const at::Tensor& qc = ops[0];
   const at::Tensor& kc = panels ? k : ops[1];
@@ -614,7 +616,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   TORCH_CHECK(!range_grad || idx.dim() == 4, "sa_cpu: the arg-min/arg-max indices are missing");
   need_dbias = need_dbias && bias.has_value() && bias->defined();
   // the forward's choice (same rule), so the recomputed scores are the forward's
-  const bool panels = use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)));
+  const bool panels = use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)), k.size(2));
   const auto ops = compute_operands(panels ? std::vector<at::Tensor>{q, k, grad_out, out}
                                            : std::vector<at::Tensor>{q, k, v, grad_out, out}, ct);
   const at::Tensor& vc = panels ? v : ops[2];
