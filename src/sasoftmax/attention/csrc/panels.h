@@ -49,33 +49,44 @@ inline bool use_panels(at::ScalarType ct, int64_t rows_per_kv_head, int64_t Nk) 
 
 inline int64_t panel_count(int64_t Nk) { return (Nk + kPanel - 1) / kPanel; }
 
-// k (B, Hkv, Nk, D) (or v), any floating dtype and strides -> (B * Hkv, panels, D, kPanel) float32 panels.
-inline at::Tensor pack_panels(const at::Tensor& k0) {
-  const at::Tensor k = (k0.size(3) <= 1 || k0.stride(3) == 1) ? k0 : k0.contiguous();
-  const int64_t B = k.size(0), H = k.size(1), N = k.size(2), D = k.size(3), np = panel_count(N);
-  at::Tensor kp = at::empty({B * H, np, D, kPanel}, k.options().dtype(at::kFloat));
-  float* dst = kp.data_ptr<float>();
-  const char* base = static_cast<const char*>(k.data_ptr());
-  const int64_t es = k.element_size(), sb = k.stride(0), sh = k.stride(1), sn = k.stride(2);
-  const at::ScalarType st = k.scalar_type();
-  at::parallel_for(0, B * H * np, std::max<int64_t>(1, 8192 / std::max<int64_t>(D * kPanel, 1)),
-                   [&](int64_t t0, int64_t t1) {
-    std::vector<float> row(std::max<int64_t>(D, 1));
+// Each of ts (k or v: (B, Hkv, Nk, X), any floating dtype and strides) -> (B * Hkv, panels, X, kPanel) float32
+// panels, all in one parallel region (one synchronization, not one per tensor).
+inline std::vector<at::Tensor> pack_panels(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> src, out;
+  std::vector<int64_t> first{0};  // first task (one panel of one head) of each tensor
+  for (const auto& t0 : ts) {
+    src.push_back((t0.size(3) <= 1 || t0.stride(3) == 1) ? t0 : t0.contiguous());
+    const at::Tensor& t = src.back();
+    const int64_t np = panel_count(t.size(2));
+    out.push_back(at::empty({t.size(0) * t.size(1), np, t.size(3), kPanel}, t.options().dtype(at::kFloat)));
+    first.push_back(first.back() + t.size(0) * t.size(1) * np);
+  }
+  const int64_t width = std::max<int64_t>(src.empty() ? 1 : src[0].size(3) * kPanel, 1);
+  at::parallel_for(0, first.back(), std::max<int64_t>(1, 8192 / width), [&](int64_t t0, int64_t t1) {
+    std::vector<float> row;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / np, p = t % np, b = bh / H, h = bh % H;
-      float* out = dst + t * D * kPanel;
+      size_t x = 0;
+      while (first[x + 1] <= t) ++x;
+      const at::Tensor& k = src[x];
+      const int64_t task = t - first[x], H = k.size(1), N = k.size(2), D = k.size(3), np = panel_count(N);
+      const int64_t bh = task / np, p = task % np, b = bh / H, h = bh % H;
+      const char* base = static_cast<const char*>(k.data_ptr());
+      const int64_t es = k.element_size();
+      float* dst = out[x].data_ptr<float>() + task * D * kPanel;
+      row.resize(std::max<int64_t>(D, 1));
       for (int64_t c = 0; c < kPanel; ++c) {
         const int64_t j = p * kPanel + c;
         if (j < N) {
-          load_row<float>(base + (b * sb + h * sh + j * sn) * es, st, row.data(), D);
+          load_row<float>(base + (b * k.stride(0) + h * k.stride(1) + j * k.stride(2)) * es, k.scalar_type(),
+                          row.data(), D);
         } else {
           std::fill(row.begin(), row.end(), 0.f);
         }
-        for (int64_t d = 0; d < D; ++d) out[d * kPanel + c] = row[d];
+        for (int64_t d = 0; d < D; ++d) dst[d * kPanel + c] = row[d];
       }
     }
   });
-  return kp;
+  return out;
 }
 
 // S[r, c] = scale * sum_d Q[r, d] Kp[d][c] for MR rows and the first `count` columns of one panel.

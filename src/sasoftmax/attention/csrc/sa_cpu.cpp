@@ -206,12 +206,11 @@ void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const
   const bool want_idx = idx != nullptr;
   const int64_t grain = grain_for(R * P.Nk * (P.D + P.Dv));
   // rows nothing is added to or hidden from: the score product can gather their max and min (panels only)
-  const bool plain_rows = !P.causal && P.slopes == nullptr && !P.madd.present() && !P.bias.present() &&
-                          !P.keep.present();
+  const bool fold = key_panels != nullptr && !P.causal && P.slopes == nullptr && !P.madd.present() &&
+                    !P.bias.present() && !P.keep.present();
   at::parallel_for(0, ntasks, grain, [&](int64_t t0, int64_t t1) {
     auto S = buffer<T>(R * P.Nk);
-    auto range = buffer<float>(key_panels != nullptr && plain_rows ? R * kPanel : 0);
-    const bool fold = key_panels != nullptr && plain_rows;
+    auto range = buffer<float>(fold ? R * kPanel : 0);
     auto keep01 = buffer<T>(P.dropout ? P.Nk : 0);
     auto factor = buffer<T>(R);
     auto Obuf = buffer<T>(out.direct ? 0 : R * P.Dv);
@@ -498,6 +497,11 @@ at::ScalarType compute_type(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Whether a call's score products come from K/V panels (panels.h): the one rule the forward and the backward share.
+bool panels_for(at::ScalarType ct, const at::Tensor& q, const at::Tensor& k) {
+  return use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)), k.size(2));
+}
+
 void check_operand(const OptTensor& t, at::ScalarType ct, const char* name) {
   if (t.has_value() && t->defined())
     TORCH_CHECK(t->scalar_type() == ct, "sa_cpu: `", name, "` must be in the compute dtype ", ct);
@@ -538,12 +542,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const auto ct = compute_type(q);
   check_inputs(q, k, v, keep, madd, bias, slopes, ct);
   // K as float32 panels (converted and transposed in one pass) when enough query rows share each of its heads
-  const bool panels = use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)), k.size(2));
+  const bool panels = panels_for(ct, q, k);
   const auto ops = compute_operands(panels ? std::vector<at::Tensor>{q, v} : std::vector<at::Tensor>{q, k, v}, ct);
   const at::Tensor& qc = ops[0];
   const at::Tensor& kc = panels ? k : ops[1];
   const at::Tensor& vc = ops.back();
-  const at::Tensor kp = panels ? pack_panels(k) : at::Tensor();
+  const at::Tensor kp = panels ? pack_panels({k})[0] : at::Tensor();
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Dv = v.size(3);
   at::Tensor out = at::empty({B, Hq, Nq, Dv}, q.options());
   const auto copt = q.options().dtype(ct);
@@ -616,14 +620,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   TORCH_CHECK(!range_grad || idx.dim() == 4, "sa_cpu: the arg-min/arg-max indices are missing");
   need_dbias = need_dbias && bias.has_value() && bias->defined();
   // the forward's choice (same rule), so the recomputed scores are the forward's
-  const bool panels = use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)), k.size(2));
+  const bool panels = panels_for(ct, q, k);
   const auto ops = compute_operands(panels ? std::vector<at::Tensor>{q, k, grad_out, out}
                                            : std::vector<at::Tensor>{q, k, v, grad_out, out}, ct);
   const at::Tensor& vc = panels ? v : ops[2];
   const at::Tensor& gc = ops[panels ? 2 : 3];
   const at::Tensor& oc = ops[panels ? 3 : 4];
-  const at::Tensor kp = panels ? pack_panels(k) : at::Tensor();
-  const at::Tensor vp = panels ? pack_panels(v) : at::Tensor();
+  const std::vector<at::Tensor> kvp = panels ? pack_panels({k, v}) : std::vector<at::Tensor>{};
   const at::Tensor sc = stats.contiguous(), ic = range_grad ? idx.contiguous() : idx;
   const int64_t B = q.size(0), Hkv = k.size(1);
   const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, seed, rows);
@@ -646,7 +649,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     const BackwardArgs<scalar_t> A{P, mat<scalar_t>(ops[0]), mat<scalar_t>(ops[1]),
                                    panels ? Mat<scalar_t>{} : mat<scalar_t>(vc), mat<scalar_t>(gc), mat<scalar_t>(oc),
                                    sc.data_ptr<scalar_t>(), range_grad ? ic.data_ptr<int64_t>() : nullptr, grads, db,
-                                   panels ? kp.data_ptr<float>() : nullptr, panels ? vp.data_ptr<float>() : nullptr};
+                                   panels ? kvp[0].data_ptr<float>() : nullptr,
+                                   panels ? kvp[1].data_ptr<float>() : nullptr};
     backward_kernel<scalar_t>(A, chunks);
   });
   auto reduce = [&](const at::Tensor& t, at::ScalarType dt) {
