@@ -117,6 +117,24 @@ def test_unsafe_values_get_a_hashed_readable_id():
     assert run_id_for({"model.seed": 1, "seed": 2}) == "model.seed=1__seed=2"
 
 
+def test_grid_variables_fill_values_and_keep_ids_machine_independent(tmp_path):
+    spec = _spec(vars={"corpus": "a text file"}, grid={"data.source": ["stdlib", "${corpus}"]})
+    a = parse_grid(copy.deepcopy(spec), out=tmp_path / "a", variables={"corpus": "/one/machine/books.txt"})
+    b = parse_grid(copy.deepcopy(spec), out=tmp_path / "b", variables={"corpus": "../elsewhere/books.txt"})
+    assert [r.run_id for r in a.runs] == [r.run_id for r in b.runs] == ["source=stdlib", "source=corpus"]
+    assert a.runs[1].config.data.source == "/one/machine/books.txt"
+    assert b.runs[1].config.data.source == "../elsewhere/books.txt"
+    assert [r.run_id for r in select_runs(a, ["data.source=corpus"])] == ["source=corpus"]
+    with pytest.raises(GridError, match="--var corpus=VALUE .a text file."):
+        parse_grid(copy.deepcopy(spec), out=tmp_path / "c")
+    with pytest.raises(GridError, match="not declared"):
+        parse_grid(_spec(grid={"data.source": ["${corpus}"]}), out=tmp_path / "d", variables={})
+    with pytest.raises(GridError, match="--var other"):
+        parse_grid(copy.deepcopy(spec), out=tmp_path / "e", variables={"corpus": "x", "other": "y"})
+    with pytest.raises(GridError, match="NAME=VALUE"):
+        load_grid(tmp_path / "missing.toml", variables=["no-equals-sign"])
+
+
 def _write_grid_file(tmp_path: Path) -> Path:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
@@ -230,6 +248,19 @@ def test_shipped_grid_files_load(name, runs, tmp_path):
     path = Path(__file__).resolve().parents[2] / "configs" / name
     grid = load_grid(path, out=tmp_path / "g", overrides=["data.source=stdlib"])
     assert len(select_runs(grid)) == runs
+
+
+def test_shipped_study_grid_needs_its_corpus_and_meets_the_study_size(tmp_path):
+    path = Path(__file__).resolve().parents[2] / "configs" / "grid_study_paper_cpu.toml"
+    with pytest.raises(GridError, match="--var austen"):
+        load_grid(path, out=tmp_path / "g")
+    grid = load_grid(path, out=tmp_path / "g", variables=["austen=/some/austen.txt"])
+    assert len(grid.runs) == 36
+    for run in grid.runs:
+        cfg = run.config
+        assert cfg.max_steps * cfg.batch_size * cfg.grad_accum * run.train_length >= 1_000_000
+        assert cfg.model["n_layer"] >= 4 and cfg.model["n_embd"] >= 256 and run.train_length == 256
+    assert {r.config.data.source for r in grid.runs} == {"stdlib", "/some/austen.txt"}
 
 
 def test_grid_under_torchrun(tmp_path):

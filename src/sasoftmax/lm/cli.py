@@ -170,6 +170,8 @@ def _grid_parser(sub: Parsers) -> None:
                    help="keep runs whose axis KEY has VALUE (repeat: same key = any of, different keys = all of)")
     g.add_argument("--shard", metavar="I/N", help="run every N-th selected run starting at I (0-based)")
     _overrides(g, "override a key of the base config of every run, e.g. data.source=PATH")
+    g.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", dest="variables",
+                   help="value of a ${NAME} the grid file declares in [vars] (e.g. a corpus path)")
     g.add_argument("--quiet", action="store_true", help="no per-step training progress lines")
 
 
@@ -177,7 +179,7 @@ def _grid(args: argparse.Namespace) -> int:
     from .grid import load_grid, parse_shard, run_grid
 
     shard = parse_shard(args.shard)
-    grid = load_grid(args.grid_file, out=args.out, overrides=args.overrides)
+    grid = load_grid(args.grid_file, out=args.out, overrides=args.overrides, variables=args.variables)
     outcome = run_grid(grid, only=args.only, shard=shard, dry_run=args.dry_run, quiet=args.quiet)
     return 1 if outcome["failed"] else 0
 

@@ -21,15 +21,16 @@ from ..config import (
     update,
 )
 
-__all__ = ["GridError", "EvalSpec", "GridRun", "Grid", "DEFAULT_MULTIPLIERS", "load_grid", "parse_grid",
+__all__ = ["GridError", "EvalSpec", "GridRun", "Grid", "DEFAULT_MULTIPLIERS", "load_grid", "parse_grid", "parse_vars",
            "parse_shard", "select_runs", "run_id_for", "format_value"]
 
 DEFAULT_MULTIPLIERS = (1, 2, 4, 8, 16)
 
-_TOP_KEYS = ("base", "grid", "eval", "out_dir", "description")
+_TOP_KEYS = ("base", "grid", "eval", "out_dir", "description", "vars")
 _MANAGED_KEYS = ("out_dir",)  # set by the grid for every run
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
 _MAX_VALUE_CHARS = 40
+_VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class GridError(ConfigError):
@@ -108,36 +109,97 @@ class Grid:
 
 
 def load_grid(path: str | os.PathLike, *, out: str | os.PathLike | None = None,
-              overrides: Sequence[str] = ()) -> Grid:
+              overrides: Sequence[str] = (), variables: Sequence[str] = ()) -> Grid:
     """Read and validate the grid file at ``path``; ``out`` replaces its ``out_dir``; ``overrides`` (``--set``
-    strings) apply to the base config of every run."""
+    strings) apply to the base config of every run; ``variables`` (``--var NAME=VALUE`` strings) fill the file's
+    ``${NAME}`` references."""
     path = Path(path)
+    filled = parse_vars(variables)
     try:
         spec = read_config_file(path)
     except ConfigError as err:
         raise GridError(str(err)) from err
     return parse_grid(spec, base_dir=path.parent, out=out, overrides=overrides, source=str(path),
-                      default_out=f"runs/grid/{path.stem}")
+                      default_out=f"runs/grid/{path.stem}", variables=filled)
+
+
+def parse_vars(items: Iterable[str]) -> dict[str, str]:
+    """``["NAME=VALUE", ...]`` (``--var``) -> ``{NAME: VALUE}``; :class:`GridError` for a malformed item."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise GridError(f"--var expects NAME=VALUE with NAME a plain identifier, got {item!r}")
+        out[name] = value
+    return out
+
+
+def _substitute(value: Any, variables: dict[str, str], declared: dict[str, str], where: str) -> Any:
+    """``value`` with every ``${NAME}`` in its strings replaced by ``variables[NAME]`` (recursively in tables and
+    lists); a reference to a name the file does not declare in ``[vars]``, or one not given, raises."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables, declared, f"{where}.{k}" if where else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, variables, declared, where) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def fill(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in declared:
+            raise GridError(f"{where}: ${{{name}}} is not declared in the grid file's [vars] table")
+        if name not in variables:
+            raise GridError(f"{where}: this grid needs --var {name}=VALUE ({declared[name]})")
+        return variables[name]
+
+    return _VAR_REF.sub(fill, value)
+
+
+def _label(value: Any) -> Any:
+    """An axis value as runs are named and selected by: ``${NAME}`` shown as ``NAME`` (so that run ids and
+    ``--only`` do not depend on the value a machine passes)."""
+    if isinstance(value, list):
+        return [_label(v) for v in value]
+    return _VAR_REF.sub(lambda m: m.group(1), value) if isinstance(value, str) else value
+
+
+def _parse_vars_table(table: Any, variables: dict[str, str]) -> dict[str, str]:
+    if table is None:
+        table = {}
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise GridError("[vars] must map each variable name to a string describing what to pass")
+    extra = sorted(set(variables) - set(table))
+    if extra:
+        raise GridError(f"--var {extra[0]}: the grid file declares no such variable "
+                        f"(declared: {', '.join(table) or 'none'})")
+    return dict(table)
 
 
 def parse_grid(spec: dict[str, Any], *, base_dir: str | os.PathLike = ".", out: str | os.PathLike | None = None,
-               overrides: Sequence[str] = (), source: str | None = None, default_out: str = "runs/grid") -> Grid:
+               overrides: Sequence[str] = (), source: str | None = None, default_out: str = "runs/grid",
+               variables: dict[str, str] | None = None) -> Grid:
     """Validate a grid given as a dict (the parsed file) and expand it into runs.
 
     Raises :class:`GridError` naming the first bad key or value: unknown top-level or ``[eval]`` keys, a missing
-    base, an empty or duplicated axis, an unknown config key, an unknown normalizer or positional encoding, or a run
-    whose model config is invalid."""
+    base, an empty or duplicated axis, an unknown config key, an unknown normalizer or positional encoding, an
+    undeclared or missing ``${NAME}`` variable, or a run whose model config is invalid."""
     if not isinstance(spec, dict):
         raise GridError(f"a grid file must hold a table, got {type(spec).__name__}")
     unknown = sorted(set(spec) - set(_TOP_KEYS))
     if unknown:
         raise GridError(f"unknown grid file key {unknown[0]!r} (valid: {', '.join(_TOP_KEYS)})")
-    base = _parse_base(spec.get("base"), Path(base_dir))
+    variables = dict(variables or {})
+    declared = _parse_vars_table(spec.get("vars"), variables)
+    base_table = _substitute(spec.get("base"), variables, declared, "base")
+    base = _parse_base(base_table, Path(base_dir))
     try:
         apply_overrides(base, list(overrides))
     except ConfigError as err:
         raise GridError(f"--set: {err}") from err
-    axes = _parse_axes(spec.get("grid"))
+    labels = _parse_axes(spec.get("grid"))
+    axes = {k: [_label(v) for v in vals] for k, vals in labels.items()}
+    values = {k: _substitute(vals, variables, declared, f"grid axis {k!r}") for k, vals in labels.items()}
     eval_spec = _parse_eval(spec.get("eval", {}))
     raw_out = out if out is not None else spec.get("out_dir", default_out)
     if not isinstance(raw_out, (str, os.PathLike)) or not str(raw_out).strip():
@@ -148,7 +210,7 @@ def parse_grid(spec: dict[str, Any], *, base_dir: str | os.PathLike = ".", out: 
         raise GridError(f"description must be a string, got {description!r}")
     _check_registry_names(base, axes)
     grid = Grid(base=base, axes=axes, eval=eval_spec, out_dir=out_dir, source=source, description=description)
-    grid.runs = _expand(grid)
+    grid.runs = _expand(grid, values)
     return grid
 
 
@@ -255,20 +317,24 @@ def _check_axis_values(base: TrainConfig, axes: dict[str, list[Any]]) -> None:
                 raise GridError(f"grid axis {key!r}: {err}") from err
 
 
-def _expand(grid: Grid) -> list[GridRun]:
-    _check_axis_values(grid.base, grid.axes)
+def _expand(grid: Grid, axis_values: dict[str, list[Any]]) -> list[GridRun]:
+    """The runs of ``grid``: configs from ``axis_values`` (variables filled in), ids and axes from ``grid.axes``
+    (their labels)."""
+    _check_axis_values(grid.base, axis_values)
     keys = list(grid.axes)
     names = _axis_names(keys)
     runs: list[GridRun] = []
     ids: dict[str, dict[str, Any]] = {}
-    for index, combo in enumerate(itertools.product(*(grid.axes[k] for k in keys))):
-        values = dict(zip(keys, combo, strict=True))
+    positions = itertools.product(*(range(len(grid.axes[k])) for k in keys))
+    for index, combo in enumerate(positions):
+        values = {k: grid.axes[k][i] for k, i in zip(keys, combo, strict=True)}
+        filled = {k: axis_values[k][i] for k, i in zip(keys, combo, strict=True)}
         run_id = run_id_for(values, names)
         if run_id in ids:
             raise GridError(f"runs {ids[run_id]} and {values} get the same run id {run_id!r}; make the values distinct")
         ids[run_id] = values
         try:
-            cfg = _with_values(grid.base, values)
+            cfg = _with_values(grid.base, filled)
             cfg.out_dir = str(grid.out_dir / "runs" / run_id)
             cfg.validate()
             vocab = 256 if cfg.data.tokenizer == "bytes" else cfg.data.vocab_size
