@@ -5,8 +5,9 @@ the shapes here are small and the dtypes float32/float16. On a CUDA machine the 
 on the GPU (plus bfloat16); ``tests/gpu/test_triton_gpu.py`` adds realistic shapes there. Tests marked with the
 ``path`` fixture run through both backward paths (the fast one with atomics and the deterministic one).
 
-Accuracy rule (FlashAttention's): the error against float64 is at most 2x the error of the reference backend run in
-the same dtype on the same inputs, plus a floor at rounding level (4e-6 relative for float32, 1e-4 for half).
+Accuracy rule (FlashAttention's, ``tests/accuracy.py``): the error against float64 is at most 2x the error of the
+reference backend run in the same dtype on the same inputs, plus a floor at rounding level (4e-6 relative for float32,
+1e-4 for half) that, for gradients summed over broadcast dimensions, grows with the terms summed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ pytest.importorskip("triton")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from accuracy import accuracy_violation, assert_accuracy_rule, reduction_terms64  # noqa: E402
 
 from sasoftmax.attention import api  # noqa: E402
 from sasoftmax.attention import triton_backend as tb  # noqa: E402
@@ -36,9 +38,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 HALF_DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
 
 
-def _floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
-    scale = max(1.0, float(ref.abs().max()))
-    return (4e-6 if dtype == torch.float32 else 1e-4) * scale
+def _rel(dtype: torch.dtype) -> float:
+    return 4e-6 if dtype == torch.float32 else 1e-4
 
 
 def check(
@@ -51,9 +52,11 @@ def check(
     dropout_seed: int | None = None,
     **kw,
 ) -> dict[str, tuple[float, float]]:
-    """Run triton, the reference in the same dtype, and the reference in float64; assert the accuracy rule on the
-    output and on every gradient. Returns ``{name: (triton error, reference error)}``. With ``dropout_seed`` each run
-    gets a generator seeded with it (all backends drop the same entries for the same seed)."""
+    """Run triton, the reference in the same dtype, and the reference in float64; assert the accuracy rule
+    (``tests/accuracy.py``: reduced gradients, of a broadcast bias or of shared GQA key/value heads, get a floor
+    that grows with the terms they sum) on the output and on every gradient. Returns ``{name: (triton error,
+    reference error)}``. With ``dropout_seed`` each run gets a generator seeded with it (all backends drop the same
+    entries for the same seed)."""
     dtype = q.dtype
     gen = torch.Generator(device="cpu").manual_seed(1234)
     g = (torch.randn(q.shape[:3] + v.shape[-1:], generator=gen) * grad_scale).to(q.device)
@@ -61,12 +64,16 @@ def check(
     if bias is not None:
         leaves["bias"] = bias
     results = {}
+
+    def attend(backend: str, qq, kk, vv, bb):
+        if dropout_seed is not None:
+            kw["generator"] = torch.Generator().manual_seed(dropout_seed)
+        return sa_attention(qq, kk, vv, bias=bb, backend=backend, **kw)
+
     for backend, cast in (("triton", dtype), ("reference", dtype), ("reference", torch.float64)):
         ts = {n: t.detach().to(cast if n != "bias" else (cast if cast == torch.float64 else t.dtype))
               .requires_grad_(t.requires_grad) for n, t in leaves.items()}
-        if dropout_seed is not None:
-            kw["generator"] = torch.Generator().manual_seed(dropout_seed)
-        out = sa_attention(ts["q"], ts["k"], ts["v"], bias=ts.get("bias"), backend=backend, **kw)
+        out = attend(backend, ts["q"], ts["k"], ts["v"], ts.get("bias"))
         assert out.dtype == cast
         out.backward(g.to(cast))
         got = {"out": out.detach().double()}
@@ -76,13 +83,12 @@ def check(
                 got[n] = t.grad.double()
         results[(backend, cast)] = got
     fast, ref, exact = results[("triton", dtype)], results[("reference", dtype)], results[("reference", torch.float64)]
+    terms = reduction_terms64(lambda *a: attend("reference", *a), q, k, v,
+                              bias if bias is not None and bias.requires_grad else None, g)
     errs = {}
     for name, want in exact.items():
-        assert torch.isfinite(fast[name]).all(), f"{name}: non-finite values from triton"
-        e_fast = float((fast[name] - want).abs().max())
-        e_ref = float((ref[name] - want).abs().max())
-        errs[name] = (e_fast, e_ref)
-        assert e_fast <= 2 * e_ref + _floor(dtype, want), f"{name}: triton error {e_fast:.3g} vs reference {e_ref:.3g}"
+        errs[name] = (float((fast[name] - want).abs().max()), float((ref[name] - want).abs().max()))
+        assert_accuracy_rule(name, fast[name], ref[name], want, _rel(dtype), terms=terms.get(name))
     return errs
 
 
@@ -213,6 +219,35 @@ def test_bias_with_grad(shape: str, detach_range: bool, deterministic: bool, mon
               "scalar": (1, 1, 1, 1)}[shape]
     bias = rand(*bshape, seed=23, std=0.7)
     check(q, k, v, bias=bias, detach_range=detach_range, is_causal=shape == "heads")
+
+
+@pytest.mark.parametrize("shape", ["scalar", "keys", "rows"])
+@pytest.mark.parametrize("factor", [0.0, 2.0], ids=["block-dropped", "block-doubled"])
+def test_reduced_bias_bound_still_catches_a_wrong_block(shape: str, factor: float) -> None:
+    """The bound for a bias gradient summed over broadcast dims (it grows with the terms summed) must not be so loose
+    that a kernel dropping or doubling one 16 x 16 tile's contribution would pass."""
+    B, H, Nq, Nk = 2, 2, 19, 23
+    q, k, v = qkv(B=B, H=H, Nq=Nq, Nk=Nk, seed=19)
+    bshape = {"keys": (1, 1, 1, Nk), "rows": (B, 1, Nq, 1), "scalar": (1, 1, 1, 1)}[shape]
+    bias = rand(*bshape, seed=23, std=0.7)
+    g = torch.randn(B, H, Nq, q.shape[-1], generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    db = {}
+    for backend, dt in (("triton", torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, bias)]
+        out = sa_attention(*leaves[:3], bias=leaves[3], backend=backend)
+        db[(backend, dt)] = torch.autograd.grad(out, leaves[3], g.to(dt))[0].double()
+    full = bias.detach().double().expand(B, H, Nq, Nk).clone().requires_grad_()
+    out = sa_attention(q.detach().double(), k.detach().double(), v.detach().double(), bias=full, backend="reference")
+    ds = torch.autograd.grad(out, full, g.double())[0]
+    terms = reduction_terms64(lambda qq, kk, vv, bb: sa_attention(qq, kk, vv, bias=bb, backend="reference"),
+                              q, k, v, bias, g)["bias"]
+    tile = torch.zeros_like(ds)
+    tile[0, 0, :16, :16] = ds[0, 0, :16, :16]
+    dims = [d for d in range(4) if bshape[d] == 1]
+    wrong = db[("triton", torch.float32)] + (factor - 1.0) * tile.sum(dim=dims, keepdim=True)
+    args = (db[("reference", torch.float32)], db[("reference", torch.float64)], _rel(torch.float32))
+    assert accuracy_violation("bias", db[("triton", torch.float32)], *args, terms=terms) is None
+    assert accuracy_violation("bias", wrong, *args, terms=terms) is not None
 
 
 def test_bias_3d_broadcast() -> None:
