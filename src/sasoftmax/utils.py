@@ -112,9 +112,14 @@ def cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists for the first CPU (empty where there is no such file)."""
+    return set((_cpuinfo("flags") or "").split())
+
+
 def vector_isa() -> str:
     """The widest x86 vector extension the CPU reports (AVX-512, AVX2, AVX), or the machine type elsewhere."""
-    flags = set((_cpuinfo("flags") or "").split())
+    flags = cpu_flags()
     for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")):
         if flag in flags:
             return name

@@ -31,10 +31,11 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..env import flag, text
 from .inputs import AttentionInputs
 
 __all__ = ["build", "extension", "load_error", "gemm_in_use", "score_products_in_use", "unsupported_reason",
-           "cpp_attention", "block_rows"]
+           "cpp_attention", "block_rows", "hardware_capabilities"]
 
 log = logging.getLogger("sasoftmax.attention")
 
@@ -57,9 +58,35 @@ _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
+_AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")  # what -mavx512{f,bw,vl,dq} below needs
+
+
+def hardware_capabilities() -> tuple[str, ...]:
+    """The kernel builds this CPU can run, lowest first: ``DEFAULT`` always, ``AVX2`` and ``AVX512`` where
+    /proc/cpuinfo lists their instructions (x86 only)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ("DEFAULT",)
+    from ..utils import cpu_flags
+
+    flags = cpu_flags()
+    caps = ["DEFAULT"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        caps.append("AVX2")
+        if set(_AVX512_FLAGS) <= flags:
+            caps.append("AVX512")
+    return tuple(caps)
+
+
 def _cpu_flags() -> tuple[str, list[str]]:
-    """(capability, compiler flags): ATen's vector code for the instruction set torch itself dispatches to here."""
+    """(capability, compiler flags): ATen's vector code for the instruction set torch itself dispatches to here
+    (lowered with ``ATEN_CPU_CAPABILITY=default|avx2``), never above what the CPU can run (torch reports an
+    ``ATEN_CPU_CAPABILITY`` the CPU lacks as it is, and such a build would die of an illegal instruction)."""
     cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+    hardware = hardware_capabilities()
+    if cap.startswith("AVX512") and "AVX512" not in hardware:
+        cap = hardware[-1]
+    if cap == "AVX2" and "AVX2" not in hardware:
+        cap = "DEFAULT"
     if platform.machine().lower() in ("x86_64", "amd64"):
         if cap.startswith("AVX512"):
             return "AVX512", ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
@@ -88,7 +115,7 @@ def _key() -> str:
 
 
 def _root() -> Path:
-    env = os.environ.get("SASOFTMAX_EXTENSIONS_DIR", "").strip()
+    env = text("SASOFTMAX_EXTENSIONS_DIR")
     if env:
         return Path(env)
     if sys.prefix != sys.base_prefix:  # a virtual environment: keep the build with the environment it belongs to
@@ -154,7 +181,7 @@ def build() -> ModuleType | None:
         if "done" in _STATE:
             return _STATE.get("ext")  # type: ignore[return-value]
         ext, err = None, None
-        if os.environ.get("SASOFTMAX_CPP", "").strip() in ("0", "false", "no", "off"):
+        if not flag("SASOFTMAX_CPP"):
             err = "disabled by SASOFTMAX_CPP=0"
         else:
             name = _name()
@@ -172,7 +199,7 @@ def build() -> ModuleType | None:
                 err = f"building the C++ kernel failed: {type(e).__name__}: {_first_error(str(e))}"[:400]
                 ext = None
         if ext is not None:
-            _STATE["gemm"] = ext.select_gemm(os.environ.get("SASOFTMAX_CPU_GEMM", "blas").strip() or "blas")
+            _STATE["gemm"] = ext.select_gemm(text("SASOFTMAX_CPU_GEMM"))
             _STATE["scores"] = _select_score_products(ext)
         _STATE.update(done=True, ext=ext, error=err)
         return ext
@@ -184,7 +211,7 @@ def _select_score_products(ext: ModuleType) -> str:
     key/value head; ``SASOFTMAX_CPU_PANELS=0`` keeps BLAS for them."""
     if not ext.panels_available():
         return "blas (this build has no AVX2/AVX512 panel code)"
-    if os.environ.get("SASOFTMAX_CPU_PANELS", "").strip() in ("0", "false", "no", "off"):
+    if not flag("SASOFTMAX_CPU_PANELS"):
         ext.set_panel_min_rows(2**62)
         return "blas (SASOFTMAX_CPU_PANELS=0)"
     ext.set_panel_min_rows(ext.DEFAULT_PANEL_MIN_ROWS)
