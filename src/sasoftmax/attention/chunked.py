@@ -15,13 +15,13 @@ Gradients (per row, ``g = dL/do``, ``dP_j = g . v_j`` (times the dropout scale),
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..env import positive_int
 from .dropout import keep_mask
 from .inputs import AttentionInputs, causal_block, tile
 
@@ -231,11 +231,9 @@ def _workers(tiles: list[Tile], inp: AttentionInputs) -> int:
     ``SASOFTMAX_TILE_THREADS`` caps it (``1`` turns the tile threads off, e.g. when several Python threads call
     sa_attention at once); by default it is ``torch.get_num_threads()``."""
     threads = torch.get_num_threads()
-    cap = os.environ.get("SASOFTMAX_TILE_THREADS", "").strip()
-    if cap:
-        if not cap.isdigit() or int(cap) < 1:
-            raise ValueError(f"SASOFTMAX_TILE_THREADS must be a positive integer, got {cap!r}")
-        threads = min(threads, int(cap))
+    cap = positive_int("SASOFTMAX_TILE_THREADS")
+    if cap is not None:
+        threads = min(threads, cap)
     if threads <= 1 or inp.q.device.type != "cpu" or len(tiles) < 2:
         return 1
     if inp.batch * inp.heads * inp.nq * inp.nk < PARALLEL_MIN_SCORES:

@@ -25,12 +25,12 @@ This module is also the one home of the helpers that build masks, biases and hea
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..env import optional_flag
 from ..functional import compute_dtype
 
 # Float-mask entries at or below this value mean "masked" rather than "add this": it catches -inf and the
@@ -310,10 +310,8 @@ def checks_values(device: torch.device) -> bool:
     """Whether :func:`prepare` checks mask/bias values on ``device`` (see the module docstring)."""
     if torch.compiler.is_compiling():
         return False
-    env = os.environ.get("SASOFTMAX_CHECK_VALUES", "").strip()
-    if env:
-        return env not in ("0", "false", "False", "no")
-    return device.type == "cpu"
+    forced = optional_flag("SASOFTMAX_CHECK_VALUES")
+    return device.type == "cpu" if forced is None else forced
 
 
 def _check_finite(checks: list[_FiniteCheck]) -> None:
