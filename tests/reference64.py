@@ -76,8 +76,9 @@ def _rows64(
             w = sa_row64(flat_s[r][idx], normalize=normalize, detach_range=detach_range, eps=eps, frozen=fr)
             row = row.index_put((idx,), w)
         rows.append(row)
-    # ``0 * sum`` keeps the result attached to the graph even when every row is fully masked (or empty).
-    anchor = 0.0 * s.sum()
+    # ``0 * sum`` keeps the result attached to the graph even when every row is fully masked (or empty); over the
+    # finite scores only, so that a NaN in one row does not reach the others through the anchor.
+    anchor = 0.0 * torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0).sum()
     if not rows:
         return torch.zeros(shape, dtype=torch.float64) + anchor
     return torch.stack(rows).reshape(shape) + anchor

@@ -26,13 +26,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def softmax_rows(s: Tensor, visible: Tensor | None) -> Tensor:
     """Softmax along the last dim of ``s`` over the ``visible`` entries (bool, broadcastable, True = take part; None =
-    all): masked entries and rows with no visible entry are exactly 0, never NaN. Shifted by the detached row max."""
+    all): masked entries and rows with no visible entry are exactly 0, never NaN. Shifted by the detached row max. A
+    NaN (or +inf) among a row's visible scores makes the whole row NaN, as the math says (never a silent number)."""
     s_inf = s if visible is None else s.masked_fill(~visible, float("-inf"))
     row_max = s_inf.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0).detach()  # rows with no visible entry
     e = torch.exp(s_inf - row_max)
     denom = e.sum(dim=-1, keepdim=True)
-    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return e / denom.masked_fill(denom == 0, 1.0)
 
 
 def sa_rows(

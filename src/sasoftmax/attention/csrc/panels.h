@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "nan.h"
 
 namespace sa_cpu {
 
@@ -189,8 +190,8 @@ inline void range_of(const float* range, float& mx, float& mn) {
   mx = -std::numeric_limits<float>::infinity();  // (reduced as forward_row reduces its own lanes)
   mn = std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < W; ++t) {
-    mx = std::max(mx, a[t]);
-    mn = std::min(mn, b[t]);
+    mx = nan_max(mx, a[t]);
+    mn = nan_min(mn, b[t]);
   }
 }
 

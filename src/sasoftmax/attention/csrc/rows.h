@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "nan.h"
+
 namespace sa_cpu {
 
 template <class T>
@@ -208,12 +210,20 @@ inline RowStats<T> forward_row(const Problem<T>& P, T* s, int64_t n, bool masked
     vmax.store(a1);
     vmin.store(a2);
     for (int64_t t = 0; t < W; ++t) {
-      m = std::max(m, a1[t]);
-      mn = std::min(mn, a2[t]);
+      m = nan_max(m, a1[t]);
+      mn = nan_min(mn, a2[t]);
     }
   }
-  if (n == 0 || m == -inf) {  // no visible key (or NaN scores): a zero row
+  if (n == 0 || m == -inf) {  // no visible key: a zero row
     for (int64_t j = 0; j < n; ++j) s[j] = T(0);
+    return st;
+  }
+  if (m != m) {  // a NaN score (NaN or inf in q or k): the row's softmax is NaN, and so is all it reaches (the
+    // statistics too, so that the backward, whose zero-row test is linv == 0, gives NaN gradients, not zeros)
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    for (int64_t j = 0; j < n; ++j) s[j] = nan;
+    st.m = st.linv = st.a = st.mn = st.factor = nan;
+    st.empty = false;
     return st;
   }
   st.empty = false;
