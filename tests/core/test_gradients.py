@@ -206,3 +206,41 @@ def test_backward_accumulates_into_grad():
     first = q.grad.clone()
     sa_attention(q, k, v, backend="chunked").sum().backward()
     torch.testing.assert_close(q.grad, 2 * first, atol=1e-14, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ double backward
+
+
+def _triton_runs() -> bool:
+    from sasoftmax.attention import triton_backend
+
+    return triton_backend.unsupported_reason(prepare(*[torch.zeros(1, 1, 2, 4)] * 3)) is None
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpp", "auto", "triton"])
+def test_double_backward_of_a_fused_backend_is_refused_clearly(backend):
+    """First-order gradients under ``create_graph=True`` are the usual ones; a backward through them raises one error
+    naming double backward, create_graph and the backend that supports it (not torch's internal message)."""
+    if backend == "triton" and not _triton_runs():
+        pytest.skip("triton cannot run here")
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=torch.Generator().manual_seed(i), requires_grad=True)
+               for i in range(3))
+    plain = torch.autograd.grad(sa_attention(q, k, v, is_causal=True, backend=backend).pow(2).sum(), q)[0]
+    gq = torch.autograd.grad(sa_attention(q, k, v, is_causal=True, backend=backend).pow(2).sum(), q,
+                             create_graph=True)[0]
+    torch.testing.assert_close(gq, plain, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match=r"double backward is not supported by backend=.*create_graph.*"
+                                           r"backend='reference'"):
+        gq.pow(2).sum().backward()
+
+
+def test_reference_backend_supports_double_backward():
+    """The reference backend's gradient is differentiable: second derivatives by finite differences (float64, the
+    plain form: smooth everywhere, so finite differences of its gradient are valid)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 4, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def fn(q, k, v):
+        return sa_attention(q, k, v, is_causal=True, normalize=False, backend="reference")
+
+    assert torch.autograd.gradgradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4)

@@ -24,7 +24,7 @@ from . import chunked, cpp_backend
 from .dropout import seed_tensor
 from .inputs import AttentionInputs
 
-__all__ = ["attention", "stats_shapes", "OP_BACKENDS", "FwdArgs", "BwdArgs"]
+__all__ = ["attention", "stats_shapes", "OP_BACKENDS", "FwdArgs", "BwdArgs", "double_backward_error"]
 
 OP_BACKENDS = ("cpp", "chunked")
 
@@ -194,6 +194,26 @@ def _backward(ctx, grad_out, _grad_stats, _grad_idx):
 
 
 torch.library.register_autograd("sasoftmax::attention_fwd", _backward, setup_context=_setup_context)
+
+
+def double_backward_error(backend: str) -> RuntimeError:
+    """The error of a backward through a fused backend's gradient (the gradient is not differentiable)."""
+    return RuntimeError(
+        f"sasoftmax: double backward is not supported by backend={backend!r}: its gradient is computed by a kernel "
+        "that autograd cannot differentiate again (torch.autograd.grad(..., create_graph=True) followed by a "
+        "backward through that gradient, as gradient penalties and Hessian-vector products do). Use "
+        "backend='reference' for such a call: its gradient is built from differentiable operations.")
+
+
+def _bwd_setup_context(ctx, inputs, output) -> None:
+    ctx.backend = BwdArgs(*inputs).backend
+
+
+def _double_backward(ctx, *grads):
+    raise double_backward_error(ctx.backend)
+
+
+torch.library.register_autograd("sasoftmax::attention_bwd", _double_backward, setup_context=_bwd_setup_context)
 
 
 def _empty_result(inp: AttentionInputs) -> Tensor:
