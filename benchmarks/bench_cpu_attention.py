@@ -152,7 +152,7 @@ def peak_memory(impl: str, n: int, args) -> float | None:
 def _header(args) -> str:
     import torch
 
-    from sasoftmax.attention import cpp_backend
+    from sasoftmax.attention.backends import cpp as cpp_backend
 
     err = cpp_backend.load_error()
     backend = (f"cpp (fused kernel, gemm: {cpp_backend.gemm_in_use()}, scores: {cpp_backend.score_products_in_use()})"

@@ -25,21 +25,18 @@ MODES = ["panels", "blas"]
 def _step(ext, mode: str, normalize: bool, q, k, v, g, causal: bool, grad: bool):
     import torch
 
-    from sasoftmax import sa_attention
+    from sasoftmax.attention import prepare
+    from sasoftmax.attention.backends import cpp
 
     rows = ext.DEFAULT_PANEL_MIN_ROWS if mode == "panels" else 2**62
 
-    def run() -> None:
-        before = ext.set_panel_min_rows(rows)
-        try:  # the setting holds through the backward, which must form S as the forward did
-            if grad:
-                sa_attention(q, k, v, is_causal=causal, normalize=normalize, backend="cpp").backward(g)
-                q.grad = k.grad = v.grad = None
-            else:
-                with torch.no_grad():
-                    sa_attention(q, k, v, is_causal=causal, normalize=normalize, backend="cpp")
-        finally:
-            ext.set_panel_min_rows(before)
+    def run() -> None:  # (the backward forms S as the forward did: the op saves panel_rows)
+        if grad:
+            cpp.run(prepare(q, k, v, is_causal=causal, normalize=normalize), panel_rows=rows).backward(g)
+            q.grad = k.grad = v.grad = None
+        else:
+            with torch.no_grad():
+                cpp.run(prepare(q, k, v, is_causal=causal, normalize=normalize), panel_rows=rows)
 
     return run
 
@@ -72,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from sasoftmax.attention import cpp_backend
+    from sasoftmax.attention.backends import cpp as cpp_backend
+    from sasoftmax.attention.backends.cpp import build
 
-    ext = cpp_backend.build()
+    ext = build.build()
     if ext is None or not ext.panels_available():
         print(f"the kernel's panel path is unavailable here: {cpp_backend.load_error() or 'no AVX2/AVX512 build'}")
         return 2

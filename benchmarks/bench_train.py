@@ -52,7 +52,7 @@ def _steps(model, opt, x, y, n: int, dtype: torch.dtype) -> float:
 
 
 def _sa_backend() -> str:
-    from sasoftmax.attention import cpp_backend
+    from sasoftmax.attention.backends import cpp as cpp_backend
 
     err = cpp_backend.load_error()
     return "auto -> cpp (fused kernel)" if err is None else f"auto -> chunked ({err})"

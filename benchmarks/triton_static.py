@@ -99,7 +99,7 @@ def _record(dtype_name: str, D: int, features: str, override: tuple[str, int, tu
     launches ``(kind, fn, args, kwargs)`` (duplicates removed)."""
     import torch
 
-    from sasoftmax.attention import triton_backend as tb
+    from sasoftmax.attention.backends import triton as tb
     from sasoftmax.attention.inputs import prepare
 
     if override is not None:
@@ -293,7 +293,7 @@ def render(records: list[dict]) -> str:
 
 def configs_markdown() -> str:
     """The launcher's configurations (``GPU_CONFIGS``, ``GPU_CONFIGS_FP32``, row kernels) as a markdown table."""
-    from sasoftmax.attention import triton_backend as tb
+    from sasoftmax.attention.backends import triton as tb
 
     def fmt(cfg: tuple[int, int, int, int]) -> str:
         bm, bn, w, st = cfg

@@ -22,5 +22,5 @@ fi
 # Build the fused CPU attention kernel here, once (cached inside .venv, keyed by its sources and the torch version),
 # so that the tests and the main job do not pay for it. Without a C++ compiler this warns and everything runs on the
 # chunked backend instead.
-.venv/bin/python -c "from sasoftmax.attention import cpp_backend; raise SystemExit(cpp_backend.main())" \
+.venv/bin/python -c "from sasoftmax.attention.backends.cpp import build; raise SystemExit(build.main())" \
   || echo "setup.sh: continuing without the fused CPU attention kernel" >&2

@@ -113,7 +113,7 @@ def check_backends_against_oracle(leaves: list[Tensor], args: tuple, kw: dict, g
         return oracle_attention(qq, kk, vv, *args, **({**kw, "bias": bb} if bb is not None else kw))[0]
 
     exact_out = oracle(q, k, v, bias)
-    exact = [exact_out, *torch.autograd.grad(exact_out, leaves, grad_out.to(exact_out.dtype))]
+    exact = [t.detach() for t in (exact_out, *torch.autograd.grad(exact_out, leaves, grad_out.to(exact_out.dtype)))]
     terms = reduction_terms64(oracle, q, k, v, bias, grad_out)
     got = {}
     for backend in ["reference", *fast]:

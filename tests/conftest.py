@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 
 def _cuda_available() -> bool:
     try:
@@ -33,21 +31,3 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sasoftmax-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
-
-
-def _loaded_kernel():
-    """The fused CPU kernel's module if this process has already loaded it (never builds it)."""
-    import sys
-
-    mod = sys.modules.get("sasoftmax.attention.cpp_backend")
-    return None if mod is None else mod._STATE.get("ext")
-
-
-@pytest.fixture(autouse=True)
-def _kernel_settings_restored():
-    """Tests may switch the kernel's score products (helpers.run_sa's "panels" runner): each test starts from the
-    kernel's default."""
-    yield
-    ext = _loaded_kernel()
-    if ext is not None:
-        ext.set_panel_min_rows(ext.DEFAULT_PANEL_MIN_ROWS)

@@ -49,18 +49,13 @@ def run_sa(backend: str, block_size: int | str | None, q: Tensor, k: Tensor, v: 
     directly; ``("cpp", "panels")``: the kernel with its panel score products on any shape."""
     from sasoftmax import sa_attention
     from sasoftmax.attention import prepare
-    from sasoftmax.attention.chunked import chunked_attention
-    from sasoftmax.attention.cpp_backend import cpp_attention
+    from sasoftmax.attention.backends import chunked, cpp
 
     if backend == "cpp" and block_size == "panels":
-        from sasoftmax.attention.cpp_backend import extension
-
-        extension().set_panel_min_rows(1)  # until the test ends (tests/conftest.py restores the default)
-        return sa_attention(q, k, v, *args, backend="cpp", **kwargs)
+        return cpp.run(prepare(q, k, v, *args, **kwargs), panel_rows=1)
     if backend in ("chunked", "cpp") and block_size is not None:
         rows = q.shape[2] if block_size == "N" else int(block_size)
-        fn = chunked_attention if backend == "chunked" else cpp_attention
-        return fn(prepare(q, k, v, *args, **kwargs), block_size=rows)
+        return (chunked if backend == "chunked" else cpp).run(prepare(q, k, v, *args, **kwargs), block_size=rows)
     return sa_attention(q, k, v, *args, backend=backend, **kwargs)
 
 

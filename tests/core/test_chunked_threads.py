@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sasoftmax import sa_attention
-from sasoftmax.attention import chunked
+from sasoftmax.attention.backends import chunked
 
 
 @pytest.fixture

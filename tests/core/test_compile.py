@@ -13,7 +13,7 @@ import torch
 from helpers import qkv
 
 from sasoftmax import sa_attention
-from sasoftmax.attention import cpp_backend
+from sasoftmax.attention.backends import cpp as cpp_backend
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
 

@@ -21,8 +21,10 @@ from helpers import VARIANTS, grads_of, qkv
 from reference64 import oracle_attention
 
 from sasoftmax import sa_attention
-from sasoftmax.attention import api, cpp_backend, prepare
-from sasoftmax.attention.cpp_backend import cpp_attention
+from sasoftmax.attention import backends, prepare
+from sasoftmax.attention.backends import cpp as cpp_backend
+from sasoftmax.attention.backends.cpp import build as cpp_build
+from sasoftmax.attention.op import FwdArgs
 
 _DISABLED = os.environ.get("SASOFTMAX_CPP", "").strip() in ("0", "false", "no", "off")
 pytestmark = pytest.mark.skipif(_DISABLED, reason="kernel disabled (SASOFTMAX_CPP=0)")
@@ -43,8 +45,8 @@ def test_kernel_is_built_and_auto_picks_it(monkeypatch):
     assert cpp_backend.load_error() is None, cpp_backend.load_error()
     assert cpp_backend.gemm_in_use() is not None
     calls = []
-    real = api.BACKENDS["cpp"]
-    monkeypatch.setitem(api.BACKENDS, "cpp", lambda inp: calls.append(inp.q.dtype) or real(inp))
+    real = cpp_backend.run
+    monkeypatch.setattr(cpp_backend, "run", lambda inp: calls.append(inp.q.dtype) or real(inp))
     for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         q, k, v = qkv(1, 2, 1, 5, 7, 4, 3, dtype=dt, grad=False)
         sa_attention(q, k, v, is_causal=True, alibi_slopes=torch.tensor([0.5, 0.25]), dropout_p=0.1)
@@ -64,7 +66,7 @@ def test_gradcheck_float64(normalize, detach_range):
     def fn(q, k, v, bias):
         inp = prepare(q, k, v, keep, is_causal=True, bias=bias, alibi_slopes=slopes, normalize=normalize,
                       detach_range=detach_range, dropout_p=0.2, generator=torch.Generator().manual_seed(4))
-        return cpp_attention(inp, block_size=3)
+        return cpp_backend.run(inp, block_size=3)
 
     assert torch.autograd.gradcheck(fn, (q, k, v, bias), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -146,7 +148,7 @@ def test_many_key_blocks_match_the_oracle(normalize, detach_range, dtype):
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-4)
     gtol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else tol
     for block in (None, 7):
-        out = cpp_attention(prepare(q, k, v, *args, **kw), block_size=block)
+        out = cpp_backend.run(prepare(q, k, v, *args, **kw), block_size=block)
         torch.testing.assert_close(out.double(), ref.double(), **tol)
         for name, a, b in zip("q k v bias".split(), grads_of(out, leaves, g), ref_grads, strict=True):
             torch.testing.assert_close(a.double(), b.double(), **gtol, msg=lambda m, name=name: f"d{name}: {m}")
@@ -160,7 +162,7 @@ def test_many_key_blocks_dropout_matches_reference(normalize, detach_range):
     kw = dict(kw, normalize=normalize, detach_range=detach_range)
     g = _randn(2, 4, 190, 6, seed=34)
     ref = sa_attention(q, k, v, *args, generator=torch.Generator().manual_seed(6), backend="reference", **kw)
-    out = cpp_attention(prepare(q, k, v, *args, generator=torch.Generator().manual_seed(6), **kw))
+    out = cpp_backend.run(prepare(q, k, v, *args, generator=torch.Generator().manual_seed(6), **kw))
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
     for a, b in zip(grads_of(out, leaves, g), grads_of(ref, leaves, g), strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
@@ -193,7 +195,7 @@ def test_dropout_matches_reference_multi_block(normalize, detach_range):
     ref_grads = grads_of(ref, leaves, g)
     for block in (None, 7):
         inp = prepare(q, k, v, generator=torch.Generator().manual_seed(5), **kw)
-        out = cpp_attention(inp, block_size=block)
+        out = cpp_backend.run(inp, block_size=block)
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
         for a, b in zip(grads_of(out, leaves, g), ref_grads, strict=True):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
@@ -302,8 +304,8 @@ def test_unsupported_calls_go_to_chunked_with_a_logged_reason(monkeypatch, caplo
 
 
 def test_unavailable_kernel_warns_once_and_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr(cpp_backend, "_STATE", {"done": True, "ext": None, "error": "no C++ compiler (test)"})
-    monkeypatch.setattr(api, "_WARNED", set())
+    monkeypatch.setattr(cpp_build, "_STATE", {"done": True, "ext": None, "error": "no C++ compiler (test)"})
+    monkeypatch.setattr(backends, "_WARNED", set())
     q, k, v = qkv(1, 2, 2, 4, 4, 3, 3, seed=26, grad=False)
     with caplog.at_level(logging.WARNING, logger="sasoftmax.attention"):
         a = sa_attention(q, k, v)
@@ -352,9 +354,10 @@ def test_custom_ops_pass_opcheck(backend):
     bias = _randn(1, 4, 6, 7, seed=29, dtype=torch.float32, grad=True)
     keep = torch.rand(1, 1, 6, 7, generator=torch.Generator().manual_seed(30)) > 0.2
     seed = torch.tensor([123456789], dtype=torch.int64)
-    args = (q, k, v, keep, None, bias, torch.tensor([[0.5, 0.2, 0.1, 0.05]]), seed, True, 0.5, True, False, 1e-10,
-            0.2, backend, 0, True)
-    torch.library.opcheck(torch.ops.sasoftmax.attention_fwd.default, args)
+    args = FwdArgs(q=q, k=k, v=v, keep=keep, mask_add=None, bias=bias, slopes=torch.tensor([[0.5, 0.2, 0.1, 0.05]]),
+                   seed=seed, is_causal=True, scale=0.5, normalize=True, detach_range=False, eps=1e-10, dropout_p=0.2,
+                   block_rows=0, panel_rows=0, need_stats=True)
+    torch.library.opcheck(getattr(torch.ops.sasoftmax, f"{backend}_fwd").default, tuple(args))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -370,7 +373,7 @@ def test_few_heads_on_several_threads(dtype):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             inp = prepare(q, k, v, bias=bias, is_causal=True)
-            out = cpp_attention(inp, block_size=8)
+            out = cpp_backend.run(inp, block_size=8)
             results.append([out, *grads_of(out, [q, k, v, bias], g)])
     finally:
         torch.set_num_threads(before)
@@ -392,15 +395,6 @@ def test_overlapping_and_broadcast_qkv_views():
         got = sa_attention(qq, kk, vv, backend="cpp")
         want = sa_attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), backend="reference")
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
-
-
-def _with_panel_rows(rows: int, fn):
-    ext = cpp_backend.extension()
-    before = ext.set_panel_min_rows(rows)
-    try:
-        return fn()
-    finally:
-        ext.set_panel_min_rows(before)
 
 
 # (B, Hq, Hkv, Nq, Nk, D, Dv): single keys and rows, partial last panels (kPanel is 16 with AVX2, 32 with AVX512),
@@ -431,10 +425,8 @@ def test_panel_and_blas_score_products_agree(shape, features, dtype):
     results = {}
     for name, rows in (("panels", 1), ("blas", 2**62)):
         for normalize in (True, False):
-            def call(normalize=normalize):
-                out = sa_attention(q, k, v, *args, normalize=normalize, backend="cpp", **kw)
-                return [out, *grads_of(out, leaves, go)]
-            results[name, normalize] = _with_panel_rows(rows, call)
+            out = cpp_backend.run(prepare(q, k, v, *args, normalize=normalize, **kw), panel_rows=rows)
+            results[name, normalize] = [out, *grads_of(out, leaves, go)]
     tol = dict(atol=2e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for normalize in (True, False):
         for a, b in zip(results["panels", normalize], results["blas", normalize], strict=True):
@@ -450,7 +442,7 @@ def test_panels_are_the_default_path_on_vector_builds():
         pytest.skip("a build without AVX2/AVX512 has no panel code")
     assert ext.panels_available()
     assert cpp_backend.score_products_in_use().startswith("panels"), cpp_backend.score_products_in_use()
-    code = "from sasoftmax.attention import cpp_backend; print(cpp_backend.score_products_in_use())"
+    code = "from sasoftmax.attention.backends import cpp; print(cpp.score_products_in_use())"
     env = dict(os.environ, SASOFTMAX_CPU_PANELS="0")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

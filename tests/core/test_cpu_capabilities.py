@@ -1,7 +1,7 @@
 """The fused CPU kernel built for, and run under, each instruction set this CPU supports.
 
 ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` lowers what torch dispatches to, and with it what
-:mod:`sasoftmax.attention.cpp_backend` compiles (its build is keyed by the flags). The whole suite runs the native
+:mod:`sasoftmax.attention.backends.cpp` compiles (its build is keyed by the flags). The whole suite runs the native
 build; here a fresh process per lower capability builds that variant and runs the kernel's part of the float64
 oracle matrix and its own accuracy tests with it, so that the DEFAULT (scalar) and, on AVX-512 machines, the AVX2
 builds are exercised, not only compiled. A capability the CPU lacks is skipped, naming the CPU.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sasoftmax.attention import cpp_backend
+from sasoftmax.attention.backends import cpp as cpp_backend
 from sasoftmax.utils import cpu_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def test_kernel_matches_the_oracle_under_capability(cap: str):
         pytest.skip(f"this CPU ({cpu_name()}) cannot run the {cap} build")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": cap.lower()}
     probe = subprocess.run(
-        [sys.executable, "-c", "from sasoftmax.attention import cpp_backend as c; print(c.extension().capability())"],
+        [sys.executable, "-c", "from sasoftmax.attention.backends import cpp as c; print(c.extension().capability())"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert probe.stdout.strip().splitlines()[-1] == cap, probe.stdout

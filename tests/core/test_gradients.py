@@ -17,7 +17,7 @@ from reference64 import oracle_attention, oracle_ranges, oracle_sa_softmax, orac
 
 from sasoftmax import sa_attention, sa_softmax
 from sasoftmax.attention import prepare
-from sasoftmax.attention.chunked import chunked_attention
+from sasoftmax.attention.backends.chunked import run as chunked_attention
 
 MIN_GAP = 2e-2  # finite-difference steps are 1e-6: far from any kink
 
@@ -212,7 +212,7 @@ def test_backward_accumulates_into_grad():
 
 
 def _triton_runs() -> bool:
-    from sasoftmax.attention import triton_backend
+    from sasoftmax.attention.backends import triton as triton_backend
 
     return triton_backend.unsupported_reason(prepare(*[torch.zeros(1, 1, 2, 4)] * 3)) is None
 

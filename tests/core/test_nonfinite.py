@@ -13,7 +13,8 @@ import torch
 from reference64 import oracle_attention
 
 from sasoftmax import sa_attention
-from sasoftmax.attention import prepare, triton_backend
+from sasoftmax.attention import prepare
+from sasoftmax.attention.backends import triton as triton_backend
 
 BACKENDS = ["reference", "chunked", "cpp", "auto"]
 if triton_backend.unsupported_reason(prepare(*[torch.zeros(1, 1, 2, 4)] * 3)) is None:  # (the interpreter counts)

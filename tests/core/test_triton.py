@@ -24,12 +24,11 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from accuracy import accuracy_violation, assert_accuracy_rule, reduction_terms64  # noqa: E402
 
-from sasoftmax.attention import api  # noqa: E402
-from sasoftmax.attention import triton_backend as tb  # noqa: E402
-from sasoftmax.attention import triton_kernels as tk  # noqa: E402
 from sasoftmax.attention.api import sa_attention, sa_attention_with_weights  # noqa: E402
+from sasoftmax.attention.backends import triton as tb  # noqa: E402
+from sasoftmax.attention.backends.triton import kernels as tk  # noqa: E402
+from sasoftmax.attention.backends.triton import triton_attention, unsupported_reason  # noqa: E402
 from sasoftmax.attention.inputs import prepare  # noqa: E402
-from sasoftmax.attention.triton_backend import triton_attention, unsupported_reason  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -436,7 +435,7 @@ def test_auto_on_cpu_does_not_pick_triton(monkeypatch: pytest.MonkeyPatch) -> No
     def boom(inp):  # pragma: no cover - must not be called
         raise AssertionError("auto picked triton on CPU")
 
-    monkeypatch.setitem(api.BACKENDS, "triton", boom)
+    monkeypatch.setattr(tb, "run", boom)
     q, k, v = qkv(Nq=8)
     out = sa_attention(q, k, v, backend="auto")
     want = sa_attention(q, k, v, backend="chunked")
@@ -632,3 +631,70 @@ def test_kernels_compile_for_sm90_within_targets() -> None:
         want = 2 if (kernel, features) == ("sa_fwd", "causal-plain") else dots[kernel]
         assert r["dots_per_iter"] == want, (kernel, features, r)
         assert r["shared_bytes"] <= 232448 and r["spill_bytes"] <= (256 if features == "all" else 0), r
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the self-test that guards a GPU the kernel has not met (here under the interpreter, kernels broken on purpose)
+
+
+@pytest.fixture
+def selftest(monkeypatch: pytest.MonkeyPatch):
+    from sasoftmax.attention.backends.triton import selftest as st
+
+    monkeypatch.setattr(st, "ON_INTERPRETER", True)
+    st.clear()
+    yield st
+    st.clear()
+
+
+def _broken(how: str, kind: str):
+    """A launch hook that breaks the kernel ``kind``: a compile error, or a forward whose output is off by 25%."""
+    def hook(k: str, fn, grid, args, kwargs) -> None:
+        if how == "compile" and k == kind:
+            raise RuntimeError("CompilationError: broken on purpose")
+        fn[grid](*args, **kwargs)
+        if how == "wrong" and k == kind:
+            args[3].mul_(1.25)  # the forward's output
+    return hook
+
+
+def test_selftest_checks_each_kind_of_call_once(selftest, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = []
+    real = selftest._run
+    monkeypatch.setattr(selftest, "_run", lambda inp: runs.append(1) or real(inp))
+    q, k, v = qkv(Nq=20)
+    for _ in range(3):
+        sa_attention(q, k, v, is_causal=True, backend="triton").sum().backward()
+    assert runs == [1]
+    with torch.no_grad():  # inference only: another kind (no backward kernels)
+        sa_attention(q, k, v, is_causal=True, backend="triton")
+    assert runs == [1, 1]
+
+
+@pytest.mark.parametrize("how,kind", [("wrong", "fwd"), ("compile", "kv")])
+def test_selftest_catches_a_broken_kernel_and_auto_falls_back(selftest, how: str, kind: str,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+    import logging
+
+    from sasoftmax.attention import backends
+
+    # auto offers CPU tensors to triton first, as it does CUDA tensors on a GPU
+    monkeypatch.setattr(backends, "REGISTRY", [dataclasses.replace(b, devices=("cpu",)) if b.name == "triton" else b
+                                               for b in backends.REGISTRY])
+    monkeypatch.setattr(tb, "LAUNCH_HOOK", _broken(how, kind))
+    q, k, v = qkv(Nq=20)
+    with caplog.at_level(logging.WARNING, logger="sasoftmax.attention"):
+        out = sa_attention(q, k, v, is_causal=True)
+        sa_attention(q, k, v, is_causal=True).sum().backward()
+    notes = [r.getMessage() for r in caplog.records if "self-test" in r.getMessage()]
+    assert len(notes) == 1 and ("differs" if how == "wrong" else "broken on purpose") in notes[0], notes
+    torch.testing.assert_close(out, sa_attention(q, k, v, is_causal=True, backend="cpp"), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: .*(differs|broken on purpose)"):
+        sa_attention(q, k, v, is_causal=True, backend="triton")
+    monkeypatch.setenv("SASOFTMAX_TRITON_SELFTEST", "0")  # trusted again: the broken kernel's own (wrong) output
+    if how == "wrong":
+        with torch.no_grad():
+            bad = sa_attention(q, k, v, is_causal=True, backend="triton")
+        torch.testing.assert_close(bad, 1.25 * out, rtol=1e-5, atol=1e-6)

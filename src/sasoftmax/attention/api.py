@@ -2,90 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from . import cpp_backend, ops  # noqa: F401  (ops: registers the sasoftmax:: custom ops)
-from .chunked import chunked_attention
-from .cpp_backend import cpp_attention
-from .inputs import AttentionInputs, autocast_inputs, prepare, run_without_autocast
-from .materialized import materialized, reference_attention, sa_weights
+from .backends import backend_names, choose, get_backend
+from .inputs import autocast_inputs, prepare, run_without_autocast
+from .materialized import reference_attention
 
-__all__ = ["sa_attention", "sa_attention_with_weights", "available_backends", "BACKENDS"]
-
-log = logging.getLogger("sasoftmax.attention")
-
-
-def _reference(inp: AttentionInputs) -> Tensor:
-    return materialized(inp, sa_weights(inp))
-
-
-def _triton(inp: AttentionInputs) -> Tensor:
-    try:
-        from .triton_backend import triton_attention, unsupported_reason
-    except ImportError as err:  # triton missing or the kernel module failed to import
-        raise RuntimeError(
-            f"backend='triton' needs the `triton` package (pip install 'sasoftmax[triton]'): {err}"
-        ) from err
-    reason = unsupported_reason(inp)
-    if reason is not None:
-        raise ValueError(f"backend='triton' cannot run this call: {reason}")
-    return triton_attention(inp)
-
-
-BACKENDS: dict[str, Callable[[AttentionInputs], Tensor]] = {
-    "reference": _reference,
-    "chunked": chunked_attention,
-    "cpp": cpp_attention,
-    "triton": _triton,
-}
+__all__ = ["sa_attention", "sa_attention_with_weights", "available_backends"]
 
 
 def available_backends() -> list[str]:
-    """Names accepted by ``backend=`` (``"auto"`` included)."""
-    return ["auto", *BACKENDS]
-
-
-_WARNED: set[str] = set()
-
-
-def _debug(msg: str, *args) -> None:
-    if not torch.compiler.is_compiling():  # (a logging call would break a compiled graph)
-        log.debug(msg, *args)
-
-
-def _auto_cpu(inp: AttentionInputs) -> str:
-    """The fused C++ kernel when it can run the call, else the chunked backend (the reason in the debug log; a
-    kernel that cannot be built at all also gets one warning per process)."""
-    reason = cpp_backend.unsupported_reason(inp)
-    if reason is None:
-        return "cpp"
-    if reason == cpp_backend.load_error() and reason not in _WARNED and not torch.compiler.is_compiling():
-        _WARNED.add(reason)
-        log.warning("sasoftmax: the fused CPU attention kernel is unavailable (%s); using the chunked backend", reason)
-    _debug("auto: cpp cannot run this call (%s); using chunked", reason)
-    return "chunked"
-
-
-def _auto(inp: AttentionInputs) -> str:
-    """Pick the fastest backend that supports the call: Triton on CUDA when it can, the fused C++ kernel on the CPU
-    when it can, else the chunked path."""
-    if inp.q.device.type == "cpu":
-        return _auto_cpu(inp)
-    if inp.q.is_cuda:
-        try:
-            from .triton_backend import unsupported_reason
-        except ImportError as err:
-            _debug("auto: triton unavailable (%s); using chunked", err)
-            return "chunked"
-        reason = unsupported_reason(inp)
-        if reason is None:
-            return "triton"
-        _debug("auto: triton cannot run this call (%s); using chunked", reason)
-    return "chunked"
+    """Names accepted by ``backend=`` (``"auto"`` included), in ``auto``'s order of preference."""
+    return ["auto", *backend_names()]
 
 
 def sa_attention(
@@ -123,9 +52,10 @@ def sa_attention(
         dropout_p: dropout on the SA weights (pass 0.0 in evaluation, as with SDPA).
         eps: denominator bias of the normalized form.
         generator: random generator for dropout (default: torch's global generator).
-        backend: ``"auto"``, ``"reference"`` (materialized), ``"chunked"`` (memory-efficient), ``"cpp"`` (the fused
-            CPU kernel) or ``"triton"`` (the fused GPU kernel). ``"auto"`` picks Triton on CUDA and the fused kernel
-            on the CPU when they can run the call, else ``"chunked"``.
+        backend: ``"auto"``, ``"triton"`` (the fused GPU kernel), ``"cpp"`` (the fused CPU kernel), ``"chunked"``
+            (memory-efficient) or ``"reference"`` (materialized; the one whose gradient can be differentiated again,
+            for double backward). ``"auto"`` takes the first of these, in this order, that serves the device and can
+            run the call (:mod:`sasoftmax.attention.backends`).
 
     Returns:
         ``(B, Hq, Nq, Dv)`` in the input dtype (under autocast: the autocast dtype). Rows with no visible key are 0.
@@ -135,10 +65,19 @@ def sa_attention(
         q, k, v, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes,
         normalize=normalize, detach_range=detach_range, dropout_p=dropout_p, eps=eps, generator=generator,
     )
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+    if not isinstance(backend, str) or (backend != "auto" and backend not in backend_names()):
         raise ValueError(f"unknown `backend`={backend!r}; expected one of {available_backends()}")
-    name = _auto(inp) if backend == "auto" else backend
-    return run_without_autocast(BACKENDS[name], ac_dev, inp)
+    if backend == "auto":
+        chosen = choose(inp)
+    else:
+        chosen = get_backend(backend)
+        err = chosen.load_error()
+        if err is not None:
+            raise RuntimeError(f"backend={backend!r} is unavailable: {err}")
+        reason = chosen.unsupported_reason(inp)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
+    return run_without_autocast(chosen.run, ac_dev, inp)
 
 
 def sa_attention_with_weights(

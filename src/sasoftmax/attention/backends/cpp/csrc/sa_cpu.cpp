@@ -498,8 +498,8 @@ at::ScalarType compute_type(const at::Tensor& q) {
 }
 
 // Whether a call's score products come from K/V panels (panels.h): the one rule the forward and the backward share.
-bool panels_for(at::ScalarType ct, const at::Tensor& q, const at::Tensor& k) {
-  return use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)), k.size(2));
+bool panels_for(at::ScalarType ct, const at::Tensor& q, const at::Tensor& k, int64_t panel_rows) {
+  return use_panels(ct, q.size(2) * (q.size(1) / std::max<int64_t>(k.size(1), 1)), k.size(2), panel_rows);
 }
 
 void check_operand(const OptTensor& t, at::ScalarType ct, const char* name) {
@@ -537,12 +537,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& keep,
                                 const OptTensor& madd, const OptTensor& bias, const OptTensor& slopes, bool causal,
                                 double scale, bool normalize, bool detach_range, double eps, double dropout_p,
-                                int64_t seed, int64_t rows, bool need_stats) {
+                                int64_t seed, int64_t rows, int64_t panel_rows, bool need_stats) {
   pybind11::gil_scoped_release no_gil;
   const auto ct = compute_type(q);
   check_inputs(q, k, v, keep, madd, bias, slopes, ct);
   // K as float32 panels (converted and transposed in one pass) when enough query rows share each of its heads
-  const bool panels = panels_for(ct, q, k);
+  const bool panels = panels_for(ct, q, k, panel_rows);
   const auto ops = compute_operands(panels ? std::vector<at::Tensor>{q, v} : std::vector<at::Tensor>{q, k, v}, ct);
   const at::Tensor& qc = ops[0];
   const at::Tensor& kc = panels ? k : ops[1];
@@ -607,7 +607,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const OptTensor& keep, const OptTensor& madd, const OptTensor& bias,
                                  const OptTensor& slopes, bool causal, double scale, bool normalize,
                                  bool detach_range, double eps, double dropout_p, int64_t seed, int64_t rows,
-                                 bool need_dq, bool need_dk, bool need_dv, bool need_dbias) {
+                                 int64_t panel_rows, bool need_dq, bool need_dk, bool need_dv, bool need_dbias) {
   pybind11::gil_scoped_release no_gil;
   const auto ct = compute_type(q);
   check_inputs(q, k, v, keep, madd, bias, slopes, ct);
@@ -620,7 +620,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   TORCH_CHECK(!range_grad || idx.dim() == 4, "sa_cpu: the arg-min/arg-max indices are missing");
   need_dbias = need_dbias && bias.has_value() && bias->defined();
   // the forward's choice (same rule), so the recomputed scores are the forward's
-  const bool panels = panels_for(ct, q, k);
+  const bool panels = panels_for(ct, q, k, panel_rows);
   const auto ops = compute_operands(panels ? std::vector<at::Tensor>{q, k, grad_out, out}
                                            : std::vector<at::Tensor>{q, k, v, grad_out, out}, ct);
   const at::Tensor& vc = panels ? v : ops[2];
@@ -675,12 +675,10 @@ std::string capability() {
 }  // namespace sa_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused SA-Softmax attention for the CPU (sasoftmax.attention.cpp_backend)";
+  m.doc() = "Fused SA-Softmax attention for the CPU (sasoftmax.attention.backends.cpp)";
   m.def("forward", &sa_cpu::forward, "SA attention forward");
   m.def("backward", &sa_cpu::backward, "SA attention backward");
   m.def("select_gemm", &sa_cpu::select_gemm, "choose the matrix-product implementation ('blas' or 'aten')");
-  m.def("set_panel_min_rows", &sa_cpu::set_panel_min_rows,
-        "query rows per key/value head from which the score products use K/V panels; returns the previous value");
   m.attr("DEFAULT_PANEL_MIN_ROWS") = sa_cpu::kDefaultPanelMinRows;
   m.def("panels_available", []() { return sa_cpu::kPanelsAvailable; }, "whether this build has the panel path");
   m.def("capability", &sa_cpu::capability, "the vector instruction set the kernel was compiled for");

@@ -35,17 +35,11 @@ constexpr int kTileRows = 6;
 
 // The panel path is taken when at least this many query rows share each key/value head (Nq * group size): packing
 // costs about one pass over K (and V), repaid by not repacking them per block; a decoding step (one query row)
-// keeps BLAS. Settable (set_panel_min_rows) so that tests can run either path on any shape.
+// keeps BLAS. The caller passes the threshold with each call (tests force either path on any shape).
 constexpr int64_t kDefaultPanelMinRows = 16;
-inline std::atomic<int64_t>& panel_min_rows() {
-  static std::atomic<int64_t> n{kDefaultPanelMinRows};
-  return n;
-}
 
-inline int64_t set_panel_min_rows(int64_t n) { return panel_min_rows().exchange(std::max<int64_t>(n, 1)); }
-
-inline bool use_panels(at::ScalarType ct, int64_t rows_per_kv_head, int64_t Nk) {
-  return kPanelsAvailable && ct == at::kFloat && Nk > 0 && rows_per_kv_head >= panel_min_rows().load();
+inline bool use_panels(at::ScalarType ct, int64_t rows_per_kv_head, int64_t Nk, int64_t min_rows) {
+  return kPanelsAvailable && ct == at::kFloat && Nk > 0 && rows_per_kv_head >= std::max<int64_t>(min_rows, 1);
 }
 
 inline int64_t panel_count(int64_t Nk) { return (Nk + kPanel - 1) / kPanel; }

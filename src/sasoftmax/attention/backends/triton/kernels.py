@@ -1,6 +1,6 @@
 """Triton kernels of the fused SA attention (FlashAttention-2 structure, ``docs/contract.md`` section 3).
 
-This module needs ``triton`` and is imported by :mod:`sasoftmax.attention.triton_backend`. Whether the kernels run
+This module needs ``triton`` and is imported by :mod:`sasoftmax.attention.backends.triton`. Whether the kernels run
 on the GPU or under the Triton interpreter is decided when this module is imported: ``TRITON_INTERPRET=1`` must be
 set in the environment before that (``INTERPRET`` records what was seen).
 

@@ -7,7 +7,7 @@ Public entry points (used by :mod:`sasoftmax.attention.api`):
 * :func:`triton_attention` — ``(B, Hq, Nq, Dv)`` output in the input dtype, differentiable in ``q``, ``k``, ``v`` and
   ``bias``.
 
-The kernels (:mod:`sasoftmax.attention.triton_kernels`) run behind two ``torch.library`` custom operators,
+The kernels (:mod:`.kernels`) run behind two ``torch.library`` custom operators,
 ``sasoftmax::triton_sa_fwd`` and ``sasoftmax::triton_sa_bwd``, with fake (meta) implementations and a registered
 autograd formula, so ``torch.compile(..., fullgraph=True)`` traces through a call without a graph break. Only tensors,
 bools and floats cross the operator boundary; the dropout seed is a tensor (drawn without ``.item()``).
@@ -40,11 +40,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dropout import seed_tensor
-from .inputs import AttentionInputs
+from ....env import flag
+from ...dropout import seed_tensor
+from ...inputs import AttentionInputs
+from ...op import double_backward_error
 
 try:  # triton is optional
-    from . import triton_kernels as _tk
+    from . import kernels as _tk
 
     _TRITON_ERROR: str | None = None
     INTERPRET: bool = _tk.INTERPRET
@@ -67,8 +69,8 @@ DETERMINISTIC: bool | None = None
 ``torch.are_deterministic_algorithms_enabled()``; else the fast path. ``True``/``False`` force one path. The
 deterministic path has no atomics (gradients bitwise repeatable) and does two more matrix products per tile."""
 
-_ENV_DETERMINISTIC = os.environ.get("SASOFTMAX_TRITON_DETERMINISTIC", "0").strip() not in ("", "0", "false", "no")
-_AUTOTUNE = os.environ.get("SASOFTMAX_TRITON_AUTOTUNE", "0").strip() not in ("", "0", "false", "no")
+_ENV_DETERMINISTIC = flag("SASOFTMAX_TRITON_DETERMINISTIC")
+_AUTOTUNE = flag("SASOFTMAX_TRITON_AUTOTUNE")
 
 
 def deterministic() -> bool:
@@ -273,7 +275,9 @@ def unsupported_reason(inp: AttentionInputs) -> str | None:
     smallest = _INTERPRET_BLOCK if INTERPRET else 16
     if -(-max(inp.nq, inp.nk) // smallest) * inp.batch * inp.heads > CUDA_GRID_LIMITS[0]:
         return "too many (batch, head, block) programs for one CUDA grid"
-    return None
+    from . import selftest
+
+    return selftest.reason(inp)  # (on CUDA: this kind of call checked once against the chunked backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -541,6 +545,13 @@ def _backward(ctx, grad_out, *_unused):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _double_backward(ctx, *grads):
+    raise double_backward_error("triton")
+
+
+_bwd_op.register_autograd(_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # entry point
 
@@ -577,3 +588,13 @@ def fwd_op_args(inp: AttentionInputs) -> tuple:
     seed = _seed_tensor(inp) if inp.dropout_p > 0 else None
     return (q, k, v, inp.keep, inp.mask_add, bias, inp.alibi_slopes, seed, inp.is_causal, inp.scale, inp.normalize,
             range_grad, inp.eps, inp.dropout_p, need_grad, deterministic())
+
+
+def load_error() -> str | None:
+    """None if the triton package and the kernels imported, else why not."""
+    return _TRITON_ERROR
+
+
+def run(inp: AttentionInputs) -> Tensor:
+    """The backend entry point (:func:`triton_attention`)."""
+    return triton_attention(inp)

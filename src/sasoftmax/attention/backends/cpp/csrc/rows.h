@@ -3,7 +3,7 @@
 // Conventions (docs/contract.md): a row holds the scores s_j = scale * q.k_j (+ ALiBi, float-mask value, bias) of
 // keys j in [0, n); a masked key (bool mask, or past the row's causal end) holds -inf. The row math leaves exact
 // zeros at masked keys, so the matrix products that follow may run over all n keys.
-// Built with -ffp-contract=off (cpp_backend.py): a product written twice must round the same way twice (the plain
+// Built with -ffp-contract=off (build.py): a product written twice must round the same way twice (the plain
 // form's backward cancels u dPk against Delta), so the compiler may not fuse a multiply and an add on its own.
 #pragma once
 

@@ -1,4 +1,4 @@
-"""The ``"cpp"`` backend: the fused CPU kernel of ``csrc/`` (docs/cpu_kernel.md), built on first use and cached.
+"""Building and loading the fused CPU kernel of ``csrc/`` (docs/cpu_kernel.md): compiled on first use and cached.
 
 The C++ sources ship with the package. The first call on a machine compiles them with
 ``torch.utils.cpp_extension.load`` (ninja and a C++ compiler needed; ``scripts/setup.sh`` does it once at setup) into
@@ -29,30 +29,17 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch import Tensor
 
-from ..env import flag, text
-from .inputs import AttentionInputs
+from ....env import flag, text
 
-__all__ = ["build", "extension", "load_error", "gemm_in_use", "score_products_in_use", "unsupported_reason",
-           "cpp_attention", "block_rows", "hardware_capabilities"]
+__all__ = ["build", "extension", "load_error", "gemm_in_use", "score_products_in_use", "hardware_capabilities",
+           "default_panel_rows", "main"]
 
 log = logging.getLogger("sasoftmax.attention")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("sa_cpu.cpp",)
 HEADERS = tuple(sorted(p.name for p in CSRC.glob("*.h")))  # all of them: any edit rebuilds
-
-# Query rows per block: about ROW_BUFFER_ELEMENTS scores in the forward's per-thread (rows x Nk) buffer, between
-# MIN_ROWS and MAX_ROWS (the backward's buffers are rows x 256). More rows per block reuse each streamed key/value
-# row more often. Measured on a 2-core AVX2 CPU (docs/cpu_kernel.md): in the forward 32-256 rows were within 5% of
-# each other, in the backward 128 or 256 rows with 128-512 keys per block within noise; with the earlier whole-row
-# backward 128 rows beat 32 and 64.
-ROW_BUFFER_ELEMENTS = 1 << 19
-MIN_ROWS = 16
-MAX_ROWS = 128
-# The kernel passes sizes to BLAS as 32-bit integers.
-MAX_DIM = 2**31 - 1
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -66,7 +53,7 @@ def hardware_capabilities() -> tuple[str, ...]:
     /proc/cpuinfo lists their instructions (x86 only)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ("DEFAULT",)
-    from ..utils import cpu_flags
+    from ....utils import cpu_flags
 
     flags = cpu_flags()
     caps = ["DEFAULT"]
@@ -140,17 +127,23 @@ def _import_built(name: str, directory: Path) -> ModuleType | None:
     return mod
 
 
+def _tool_path() -> str:
+    """PATH for the build: the `ninja` package's binary (requirements/main.txt) is not on PATH unless the virtual
+    environment is activated."""
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        return ninja.BIN_DIR + os.pathsep + path
+    except ImportError:
+        return path
+
+
 def _toolchain_error() -> str | None:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx!r} is not on PATH)"
-    try:  # the `ninja` package from requirements/main.txt; its binary is not on PATH unless the venv is activated
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
-    if shutil.which("ninja") is None:
+    if shutil.which("ninja", path=_tool_path()) is None:
         return "ninja is not installed (pip install ninja)"
     return None
 
@@ -161,10 +154,18 @@ def _compile(name: str, directory: Path) -> ModuleType:
     directory.mkdir(parents=True, exist_ok=True)
     print(f"sasoftmax: compiling the fused CPU attention kernel (once per source/torch version) into {directory}",
           file=sys.stderr, flush=True)
-    return cpp_extension.load(
-        name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=_build_flags(),
-        extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False,
-    )
+    saved = os.environ.get("PATH")
+    os.environ["PATH"] = _tool_path()  # torch's build runs ninja from PATH; restored below (build() holds a lock)
+    try:
+        return cpp_extension.load(
+            name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=_build_flags(),
+            extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = saved
 
 
 def _first_error(message: str) -> str:
@@ -205,16 +206,19 @@ def build() -> ModuleType | None:
         return ext
 
 
+def default_panel_rows() -> int:
+    """Query rows per key/value head from which the kernel forms S = Q K^T and dP = dO V^T from K/V packed into
+    panels once per call (csrc/panels.h) instead of BLAS per block; ``SASOFTMAX_CPU_PANELS=0`` keeps BLAS."""
+    ext = extension()
+    return ext.DEFAULT_PANEL_MIN_ROWS if flag("SASOFTMAX_CPU_PANELS") else 2**62
+
+
 def _select_score_products(ext: ModuleType) -> str:
-    """Sets how the kernel forms S = Q K^T and dP = dO V^T; returns a description. By default K and V are packed
-    into panels once per call (csrc/panels.h) when at least ``ext.DEFAULT_PANEL_MIN_ROWS`` query rows share each
-    key/value head; ``SASOFTMAX_CPU_PANELS=0`` keeps BLAS for them."""
+    """How the kernel forms its score products by default, in words."""
     if not ext.panels_available():
         return "blas (this build has no AVX2/AVX512 panel code)"
     if not flag("SASOFTMAX_CPU_PANELS"):
-        ext.set_panel_min_rows(2**62)
         return "blas (SASOFTMAX_CPU_PANELS=0)"
-    ext.set_panel_min_rows(ext.DEFAULT_PANEL_MIN_ROWS)
     return f"panels from {ext.DEFAULT_PANEL_MIN_ROWS} query rows per kv head"
 
 
@@ -255,58 +259,9 @@ def score_products_in_use() -> str | None:
     return _STATE.get("scores")  # type: ignore[return-value]
 
 
-def unsupported_reason(inp: AttentionInputs) -> str | None:
-    """``None`` if :func:`cpp_attention` can run ``inp``, else a short human-readable reason."""
-    if inp.q.device.type != "cpu":
-        return f"tensors are on {inp.q.device.type}, the kernel is for the CPU"
-    err = load_error()
-    if err is not None:
-        return err
-    if max(inp.nq, inp.nk, inp.q.shape[-1], inp.v.shape[-1]) > MAX_DIM // 2:
-        return "a sequence length or head_dim too large for the kernel's 32-bit BLAS sizes"
-    return None
-
-
-def block_rows(nk: int, rows: int | None = None) -> int:
-    """Query rows per block of the kernel for ``nk`` keys (``rows`` forces it)."""
-    if rows is not None:
-        return max(1, int(rows))
-    return max(MIN_ROWS, min(MAX_ROWS, ROW_BUFFER_ELEMENTS // max(nk, 1)))
-
-
-def compute_operands(q: Tensor, mask_add: Tensor | None, bias: Tensor | None, slopes: Tensor | None):
-    """The float operands in the kernel's compute dtype (float64 for float64 inputs, else float32), converted
-    without materializing broadcast dims: ``(mask_add, bias, slopes)``."""
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    slopes = None if slopes is None else slopes.to(cdt).contiguous()
-    return _compact_to(mask_add, cdt), _compact_to(bias, cdt), slopes
-
-
-def _compact_to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """``t`` in ``dtype``; dims broadcast with stride 0 are converted once and expanded again."""
-    if t is None or t.dtype == dtype:
-        return t
-    index = tuple(slice(0, 1) if t.stride(d) == 0 and t.shape[d] > 1 else slice(None) for d in range(t.dim()))
-    return t[index].to(dtype).expand(t.shape)
-
-
-def cpp_attention(inp: AttentionInputs, block_size: int | None = None) -> Tensor:
-    """SA attention of a validated CPU call through the fused kernel (``block_size``: query rows per block,
-    default sized from the key count). Raises ``ValueError`` if the kernel cannot run this call and
-    ``RuntimeError`` if the kernel is unavailable."""
-    reason = unsupported_reason(inp)
-    if reason is not None:
-        if reason == load_error():
-            raise RuntimeError(f"backend='cpp' is unavailable: {reason}")
-        raise ValueError(f"backend='cpp' cannot run this call: {reason}")
-    from .ops import attention
-
-    return attention(inp, "cpp", block_size)
-
-
 def main() -> int:
     """Build (if needed) and report; exit status 1 if unavailable. ``scripts/setup.sh`` runs it as
-    ``python -c "from sasoftmax.attention import cpp_backend; raise SystemExit(cpp_backend.main())"``."""
+    ``python -c "from sasoftmax.attention.backends.cpp import build; raise SystemExit(build.main())"``."""
     ext = build()
     if ext is None:
         print(f"sasoftmax: fused CPU kernel unavailable: {_STATE.get('error')}; the chunked backend will be used")

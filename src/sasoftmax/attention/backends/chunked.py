@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..env import positive_int
-from .dropout import keep_mask
-from .inputs import AttentionInputs, causal_block, tile
+from ...env import positive_int
+from ..dropout import keep_mask
+from ..inputs import AttentionInputs, causal_block, tile
+from ..op import BwdArgs, FwdArgs, define_attention_op, inputs_of, stats_dtype
 
 # Scores per tile (elements) when short rows are grouped over heads/batch entries: a few of these float32 tiles stay
 # in a CPU's L2/L3 cache, so the element-wise passes between the matrix products run from cache.
@@ -320,21 +321,35 @@ def _forward_tiles(inp: AttentionInputs, tiles: list[Tile], seed: int | None, wi
     return out, (a_all, b_all, i_min, i_max)
 
 
-def forward_op(inp: AttentionInputs, seed: int | None, block_rows: int | None, need_stats: bool):
-    """The forward of the ``sasoftmax::attention_fwd`` op (:mod:`.ops`) for this backend: ``(out, stats, idx)`` with
-    ``stats = [a, b]`` per row (normalized form) and ``idx = [arg-min, arg-max]`` (differentiated range), each
-    ``(B, Hq, Nq, 2)`` when ``need_stats`` (a backward will follow), else empty."""
-    tiles = plan_tiles(inp, rows=block_rows)
-    out, (a_all, b_all, i_min, i_max) = _forward_tiles(inp, tiles, seed, with_stats=need_stats)
+def _seed(t: Tensor | None) -> int | None:
+    return None if t is None else int(t.item())
+
+
+def _forward(a: FwdArgs) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, stats, idx)``: ``stats = [a, b]`` per row (normalized form) and ``idx = [arg-min, arg-max]``
+    (differentiated range), each ``(B, Hq, Nq, 2)`` when ``need_stats`` (a backward will follow), else empty."""
+    inp = inputs_of(a)
+    tiles = plan_tiles(inp, rows=a.block_rows or None)
+    out, (a_all, b_all, i_min, i_max) = _forward_tiles(inp, tiles, _seed(a.seed), with_stats=a.need_stats)
     stats = torch.cat([a_all, b_all], dim=-1) if a_all is not None else out.new_empty(0, dtype=inp.compute_dtype)
     idx = torch.cat([i_min, i_max], dim=-1) if i_min is not None else out.new_empty(0, dtype=torch.long)
     return out, stats, idx
 
 
-def backward_op(inp: AttentionInputs, seed: int | None, block_rows: int | None, grad_out: Tensor, out: Tensor,
-                stats: Tensor, idx: Tensor, needs: tuple[bool, bool, bool, bool]):
-    """The backward of the ``sasoftmax::attention_bwd`` op for this backend: ``(dq, dk, dv, dbias)`` for the inputs
-    flagged in ``needs`` (None for the others), from the forward's ``out``, ``stats`` and ``idx``."""
+def _stats_shapes(a: FwdArgs):
+    B, Hq, Nq = a.q.shape[0], a.q.shape[1], a.q.shape[2]
+    keep_stats = a.need_stats and a.normalize
+    keep_idx = keep_stats and not a.detach_range
+    return (((B, Hq, Nq, 2) if keep_stats else (0,), stats_dtype(a)),
+            ((B, Hq, Nq, 2) if keep_idx else (0,), torch.int64))
+
+
+def _backward(a: BwdArgs):
+    """``(dq, dk, dv, dbias)`` for the inputs flagged ``need_*`` (None for the others), from the forward's ``out``,
+    ``stats`` and ``idx``."""
+    inp = inputs_of(a)
+    seed, block_rows, grad_out, out, stats, idx = _seed(a.seed), a.block_rows or None, a.grad_out, a.out, a.stats, a.idx
+    needs = (a.need_dq, a.need_dk, a.need_dv, a.need_dbias)
     q, k, v, bias = inp.q, inp.k, inp.v, inp.bias
     cdt, G = inp.compute_dtype, inp.groups
     norm, range_grad = inp.normalize, inp.normalize and not inp.detach_range
@@ -406,9 +421,20 @@ def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, tl: Tile) -> None:
     _tile(dbias, tl).add_(red)
 
 
-def chunked_attention(inp: AttentionInputs, block_size: int | None = None) -> Tensor:
-    """Memory-efficient SA attention (the ``sasoftmax::attention_fwd`` custom op with this backend, see :mod:`.ops`).
-    ``block_size`` fixes the query rows per tile (default: sized automatically)."""
-    from .ops import attention
+_OP = define_attention_op("chunked", _forward, _backward, _stats_shapes)
 
-    return attention(inp, "chunked", block_size)
+
+def load_error() -> str | None:
+    """Always available (plain torch operations)."""
+    return None
+
+
+def unsupported_reason(inp: AttentionInputs) -> str | None:
+    """Runs every call."""
+    return None
+
+
+def run(inp: AttentionInputs, block_size: int | None = None) -> Tensor:
+    """Memory-efficient SA attention (the ``sasoftmax::chunked_fwd`` custom op); ``block_size`` fixes the query rows
+    per tile (default: sized automatically). Returns ``(B, Hq, Nq, Dv)``."""
+    return _OP(inp, block_size)
