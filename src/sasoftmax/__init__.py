@@ -4,11 +4,8 @@
 memory-efficient CPU/GPU path and fused kernels. ``docs/contract.md`` is the contract every backend meets.
 """
 
-from . import _hf_auto
 from .attention import available_backends, sa_attention, sa_attention_with_weights
 from .functional import sa_softmax
-
-_hf_auto.install()  # exported GPTs load with transformers' Auto classes (imports nothing now)
 
 __version__ = "0.1.0"
 

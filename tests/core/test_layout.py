@@ -1,43 +1,16 @@
-"""The package's architecture, checked: the core never imports the harness, old import paths still work (with a
-warning), and functions stay small (``docs/architecture.md``)."""
+"""The package's architecture, checked: the core never imports the harness, and functions stay small
+(``docs/architecture.md``)."""
 
 from __future__ import annotations
 
 import ast
-import importlib
 import subprocess
 import sys
-import warnings
 from pathlib import Path
-
-import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "sasoftmax"
 
-# old path -> new module (kept for one release, each with a DeprecationWarning)
-MOVED = {
-    "sasoftmax.model": "sasoftmax.lm.model",
-    "sasoftmax.data": "sasoftmax.lm.data",
-    "sasoftmax.checkpoint": "sasoftmax.lm.checkpoint",
-    "sasoftmax.diagnostics": "sasoftmax.lm.diagnostics",
-    "sasoftmax.report": "sasoftmax.lm.report",
-    "sasoftmax.grid": "sasoftmax.lm.grid",
-    "sasoftmax.cli": "sasoftmax.lm.cli",
-    "sasoftmax.peers": "sasoftmax.normalizers.peers",
-}
-# old paths whose contents were split over several new modules: old path -> {name: new module}
-SPLIT = {
-    "sasoftmax.train": {"TrainConfig": "sasoftmax.lm.config", "load_config": "sasoftmax.lm.config",
-                        "ConfigError": "sasoftmax.lm.config", "train": "sasoftmax.lm.trainer",
-                        "lr_at": "sasoftmax.lm.trainer"},
-    "sasoftmax.evaluate": {"evaluate_checkpoint": "sasoftmax.lm.evaluate", "gradient_demo": "sasoftmax.lm.evaluate",
-                           "run_comparison": "sasoftmax.lm.compare"},
-}
-SHIMS = {name.split(".")[1] + ".py" for name in [*MOVED, *SPLIT]}
 ENTRY_POINTS = {"__main__.py"}  # ``python -m sasoftmax`` is the harness's command line
-# The one core module allowed to *name* the harness: it registers the exported GPT with transformers' Auto classes
-# when (and only when) those are imported; it imports nothing itself (checked below).
-BRIDGES = {"_hf_auto.py"}
 
 # Public signatures that mirror an outside convention (SDPA, nn.MultiheadAttention, the normalizer calling convention)
 # or are keyword-option entry points: allowed more than 8 parameters.
@@ -46,7 +19,7 @@ MANY_PARAMETERS = {
     "attention/materialized.py:materialized_attention", "integrations/nn.py:__init__",
     "normalizers/builtin.py:softmax_attention", "normalizers/builtin.py:fn", "lm/compare.py:run_comparison",
     "lm/evaluate.py:evaluate_checkpoint", "attention/dropout.py:keep_mask", "lm/downstream.py:run_lm_eval",
-    "lm/hf_config.py:__init__",  # a transformers config: its fields are keyword arguments
+    "lm/hf/config.py:__init__",  # a transformers config: its fields are keyword arguments
     "attention/backends/triton/__init__.py:launch_plan",  # the shape numbers of one call, for the launch-plan unit test
 }
 MAX_LINES, MAX_PARAMS = 80, 8
@@ -54,7 +27,7 @@ MAX_LINES, MAX_PARAMS = 80, 8
 
 def _core_files() -> list[Path]:
     return [p for p in sorted(SRC.rglob("*.py"))
-            if "lm" not in p.relative_to(SRC).parts and p.relative_to(SRC).as_posix() not in SHIMS | ENTRY_POINTS]
+            if "lm" not in p.relative_to(SRC).parts and p.relative_to(SRC).as_posix() not in ENTRY_POINTS]
 
 
 def _imported_modules(path: Path) -> list[str]:
@@ -93,10 +66,10 @@ def _code_strings(path: Path) -> list[str]:
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
 
 
-def test_only_the_bridge_names_the_harness():
+def test_no_core_module_names_the_harness():
     named = sorted(p.relative_to(SRC).as_posix() for p in _core_files()
                    if any("sasoftmax.lm" in text for text in _code_strings(p)))
-    assert named == sorted(BRIDGES), named
+    assert named == [], named
 
 
 def test_importing_the_core_loads_no_harness_module():
@@ -108,25 +81,6 @@ def test_importing_the_core_loads_no_harness_module():
                          env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
-
-
-@pytest.mark.parametrize("old,new", sorted(MOVED.items()))
-def test_moved_modules_still_import_with_a_warning(old, new):
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new)
-
-
-@pytest.mark.parametrize("old", sorted(SPLIT))
-def test_split_modules_reexport_their_names_with_a_warning(old):
-    sys.modules.pop(old, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = importlib.import_module(old)
-    assert any(issubclass(w.category, DeprecationWarning) and old in str(w.message) for w in caught)
-    for name, new in SPLIT[old].items():
-        assert getattr(module, name) is getattr(importlib.import_module(new), name)
 
 
 def _decorators(node: ast.FunctionDef) -> set[str]:

@@ -13,16 +13,18 @@ import torch
 
 pytest.importorskip("transformers")
 
-import sasoftmax  # noqa: E402,F401  (registers the exported model with the Auto classes)
 from sasoftmax.lm.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 from sasoftmax.lm.cli import main  # noqa: E402
 from sasoftmax.lm.config import TrainConfig  # noqa: E402
 from sasoftmax.lm.data import ByteTokenizer, load_tokenizer  # noqa: E402
 from sasoftmax.lm.export import export_checkpoint, load_for_sampling, sample_text  # noqa: E402
 from sasoftmax.lm.generate import generate  # noqa: E402
+from sasoftmax.lm.hf import register  # noqa: E402
 from sasoftmax.lm.model import GPT, GPTConfig, KVCache  # noqa: E402
 from sasoftmax.normalizers import list_normalizers  # noqa: E402
 from sasoftmax.positional import list_positionals  # noqa: E402
+
+register()  # the exported model with transformers' Auto classes (the documented explicit call)
 
 BUILTIN_NORMALIZERS = ["softmax", "sa_softmax", "sa_softmax_plain", "sa_softmax_detached", "softmax_plus_one",
                        "sigmoid", "ssmax", "softpick", "stablemax"]

@@ -214,7 +214,8 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
     out = export_checkpoint(args.ckpt, args.out, step=args.step, imports=tuple(args.imports))
-    print(f"wrote {out} (AutoModelForCausalLM.from_pretrained after `import sasoftmax`, or trust_remote_code=True)")
+    print(f"wrote {out} (AutoModelForCausalLM.from_pretrained after sasoftmax.lm.hf.register(), or with "
+          "trust_remote_code=True)")
     return 0
 
 

@@ -9,7 +9,7 @@
   end-of-text token, since such models have none);
 * ``generation_config.json`` (greedy by default) and ``configuration_sasoftmax.py`` / ``modeling_sasoftmax.py``,
   which import :mod:`sasoftmax.lm.hf`, so ``from_pretrained(DIR, trust_remote_code=True)`` works wherever sasoftmax
-  is installed (and without ``trust_remote_code`` after ``import sasoftmax``);
+  is installed (and without ``trust_remote_code`` after :func:`sasoftmax.lm.hf.register`);
 * ``README.md``: what the model is and how it was trained.
 
 The directory is written under a temporary name and renamed into place: an export is complete or absent.
@@ -111,9 +111,9 @@ def _model_card(gcfg: GPTConfig, state: dict[str, Any], source: Path) -> str:
         f"{state.get('step')} steps on `{data.get('source')}` ({data.get('tokenizer')} tokenizer); exported from "
         f"`{source}`.", "",
         "```python",
-        "import sasoftmax  # registers the model with transformers' Auto classes",
+        "from sasoftmax.lm.hf import register; register()  # the model with transformers' Auto classes",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(DIR)   # or trust_remote_code=True without the import",
+        "model = AutoModelForCausalLM.from_pretrained(DIR)   # or trust_remote_code=True without register()",
         "tokenizer = AutoTokenizer.from_pretrained(DIR)",
         "```", "",
         "No position table: the model runs on sequences longer than its training length.", "",

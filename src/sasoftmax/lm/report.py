@@ -1,4 +1,4 @@
-"""Markdown report (tables and PNG plots) of an experiment grid written by :mod:`sasoftmax.grid`.
+"""Markdown report (tables and PNG plots) of an experiment grid written by :mod:`sasoftmax.lm.grid`.
 
 ``sasoftmax report GRID_DIR [--out DIR]`` reads ``GRID_DIR/runs/*/result.json``, each run's ``metrics.jsonl`` and
 (when present) ``GRID_DIR/grid.json``, and writes ``DIR/report.md`` (default ``GRID_DIR/report``) with:

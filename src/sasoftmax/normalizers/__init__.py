@@ -2,7 +2,7 @@
 
 A normalizer is a full attention function (scores -> weights -> weighted sum of values), so that each one can use
 its own fast path (SDPA for softmax, :func:`sasoftmax.sa_attention` for SA-Softmax) and its own memory strategy.
-The GPT model (:mod:`sasoftmax.model`) only ever calls a registry entry, so a new method (softmax+1, sigmoid
+The GPT model (:mod:`sasoftmax.lm.model`) only ever calls a registry entry, so a new method (softmax+1, sigmoid
 attention, SSMax, softpick, stablemax, ...) plugs in with :func:`register_normalizer` and no change to the model.
 
 Calling convention of ``Normalizer.fn``::

@@ -10,9 +10,9 @@ ALiBi/Kerple/FIRE biases for a query at position t over keys 0..t) is computed f
 of the row, padding included; RoPE, ALiBi and Kerple depend only on distances between tokens, so left padding does
 not change their outputs; FIRE's threshold reads the absolute position of the query.
 
-:func:`register` registers both classes with the Auto classes (``import sasoftmax`` arranges that this happens as soon
-as transformers' Auto classes are imported). Exported directories also carry a small modeling file that imports this
-module, so ``trust_remote_code=True`` loads them the Hub way when sasoftmax is installed.
+:func:`register` registers both classes with the Auto classes (an explicit call; importing this module registers
+nothing). Exported directories also carry a small modeling file that imports this module, so
+``trust_remote_code=True`` loads them the Hub way when sasoftmax is installed, without the call.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..positional import PositionalEncoding
-from .hf_config import MODEL_TYPE, SAGPTConfig, register_config
-from .model import GPT
+from ...positional import PositionalEncoding
+from ..model import GPT
+from .config import MODEL_TYPE, SAGPTConfig, register_config
 
 __all__ = ["MODEL_TYPE", "SAGPTConfig", "SAGPTForCausalLM", "register"]
 
@@ -104,6 +104,3 @@ def register() -> None:
     (idempotent)."""
     register_config()
     AutoModelForCausalLM.register(SAGPTConfig, SAGPTForCausalLM, exist_ok=True)
-
-
-register()  # importing this module makes exported models loadable by the Auto classes

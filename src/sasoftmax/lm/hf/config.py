@@ -10,7 +10,7 @@ try:
 except ImportError:  # transformers < 5
     from transformers import PretrainedConfig as PreTrainedConfig
 
-from .model import GPTConfig
+from ..model import GPTConfig
 
 __all__ = ["MODEL_TYPE", "SAGPTConfig", "register_config"]
 
@@ -66,6 +66,3 @@ def register_config() -> None:
     from transformers import AutoConfig
 
     AutoConfig.register(MODEL_TYPE, SAGPTConfig, exist_ok=True)
-
-
-register_config()

@@ -1,5 +1,0 @@
-"""Deprecated import path: this module is now :mod:`sasoftmax.lm.diagnostics`."""
-
-from ._compat import moved
-
-moved(__name__, "sasoftmax.lm.diagnostics")
