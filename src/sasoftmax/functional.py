@@ -16,7 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sa_softmax", "sa_rows", "softmax_rows", "compute_dtype"]
+__all__ = ["sa_softmax", "sa_rows", "softmax_rows", "compute_dtype", "DEFAULT_EPS"]
+
+DEFAULT_EPS = 1e-10
+"""The denominator bias of the normalized form, ``c = 1 / (b - a + eps)``: the authors' code's value and the default
+of every entry point."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,7 +95,7 @@ def sa_softmax(
     mask: Tensor | None = None,
     normalize: bool = True,
     detach_range: bool = False,
-    eps: float = 1e-10,
+    eps: float = DEFAULT_EPS,
 ) -> Tensor:
     """Self-Adjust Softmax of ``x`` along ``dim``.
 
@@ -104,7 +108,7 @@ def sa_softmax(
         normalize: True for the paper's normalized form ``(x - a) / (b - a + eps) * softmax(x)`` with
             ``a = min(min x, 0)``, ``b = max(max x, 0)``; False for ``x * softmax(x)``.
         detach_range: stop the gradient through ``a`` and ``b`` (normalized form only).
-        eps: denominator bias of the normalized form (1e-10 as in the authors' code).
+        eps: denominator bias of the normalized form (:data:`DEFAULT_EPS`, as in the authors' code).
 
     Returns:
         A tensor of the shape and dtype of ``x``. The math runs in float32 for half-precision inputs.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..functional import DEFAULT_EPS
 from .backends import backend_names, choose, get_backend
 from .inputs import autocast_inputs, prepare, run_without_autocast
 from .materialized import reference_attention
@@ -30,7 +31,7 @@ def sa_attention(
     normalize: bool = True,
     detach_range: bool = False,
     dropout_p: float = 0.0,
-    eps: float = 1e-10,
+    eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -93,7 +94,7 @@ def sa_attention_with_weights(
     normalize: bool = True,
     detach_range: bool = False,
     dropout_p: float = 0.0,
-    eps: float = 1e-10,
+    eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Like :func:`sa_attention` with the materialized backend, also returning the weights.

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..env import optional_flag
-from ..functional import compute_dtype
+from ..functional import DEFAULT_EPS, compute_dtype
 
 # Float-mask entries at or below this value mean "masked" rather than "add this": it catches -inf and the
 # finfo.min of float16 (-65504), bfloat16 and float32, which is how transformers writes masked positions.
@@ -363,7 +363,7 @@ def prepare(
     normalize: bool = True,
     detach_range: bool = False,
     dropout_p: float = 0.0,
-    eps: float = 1e-10,
+    eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
 ) -> AttentionInputs:
     """Check an attention call and return its canonical form. Raises ``TypeError``/``ValueError`` naming the

@@ -28,14 +28,16 @@ Swapping the normalizer of a softmax-pretrained checkpoint changes what the mode
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..attention import sa_attention, sa_attention_with_weights
+from ..functional import DEFAULT_EPS
 
 __all__ = [
     "NORMALIZED",
@@ -45,8 +47,12 @@ __all__ = [
     "register_from_registry",
     "registered_names",
     "convert_model",
+    "sa_attention_forward",
     "sa_softmax_attention_forward",
     "sa_softmax_plain_attention_forward",
+    "normalizer_attention_forward",
+    "prepare_call",
+    "HFCall",
 ]
 
 NORMALIZED = "sa_softmax"
@@ -55,7 +61,8 @@ PLAIN = "sa_softmax_plain"
 _INSTALL_HINT = "pip install 'sasoftmax[hf]'"
 # Names transformers already uses; a variant must not shadow them.
 _RESERVED = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4"}
-_registered: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {}
+AttentionForward = Callable[..., tuple[Tensor, "Tensor | None"]]
+_registered: dict[str, AttentionForward] = {}
 
 
 def _import_transformers() -> tuple[Any, Any, Callable[..., Any]]:
@@ -114,36 +121,39 @@ def derive_scaling(module: torch.nn.Module, query: Tensor) -> float:
     return scale
 
 
-def _prepare_call(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float | None,
-    kwargs: dict[str, Any],
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool, float, Tensor | None]:
+class HFCall(NamedTuple):
+    """A transformers attention call in the form ``sa_attention`` takes (see :func:`prepare_call`)."""
+
+    query: Tensor  # (B, Hq, Tq, D)
+    key: Tensor  # (B, Hkv, Tk, D)
+    value: Tensor  # (B, Hkv, Tk, Dv)
+    attention_mask: Tensor | None  # bool (True = attend) or additive float, (B, 1, Tq, Tk); None: see is_causal
+    is_causal: bool
+    scale: float
+    bias: Tensor | None  # an additive position bias (T5-style models pass `position_bias`)
+    dropout_p: float
+    with_weights: bool  # the caller collects attention weights
+
+
+def prepare_call(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                 dropout: float, scaling: float | None, kwargs: dict[str, Any]) -> HFCall:
     """What every attention function of this module does with transformers' arguments: reject unsupported options,
-    derive the scale, resolve causality for a ``None`` mask, follow autocast, trim masks built for a longer cache.
-    Returns ``(query, key, value, attention_mask, causal, scaling, position_bias)``."""
+    derive the scale, resolve causality for a ``None`` mask, follow autocast, trim masks built for a longer cache."""
     if kwargs.get("softcap") is not None:
         raise ValueError("sasoftmax attention functions do not support `softcap` (logit soft-capping); use `eager`")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError("sasoftmax attention functions do not support attention sinks (`s_aux`); use `eager`")
-    if scaling is None:
-        scaling = derive_scaling(module, query)
+    scale = derive_scaling(module, query) if scaling is None else scaling
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     position_bias = kwargs.get("position_bias")
-
     dev = query.device.type
     if torch.is_autocast_enabled(dev):
         # SDPA is on autocast's lower-precision list; do what it does. (Llama-style RoPE under autocast hands over
         # float32 q/k with a bfloat16 v.)
         dt = torch.get_autocast_dtype(dev)
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
-
     tq, tk = query.shape[2], key.shape[2]
     causal = False
     if attention_mask is None:
@@ -158,67 +168,70 @@ def _prepare_call(
                     position_bias = position_bias[..., :tq]
     elif attention_mask.shape[-1] > tk:  # builders may size the mask for a longer (static) cache
         attention_mask = attention_mask[..., :tk]
-    return query, key, value, attention_mask, causal, scaling, position_bias
+    return HFCall(query, key, value, attention_mask, causal, float(scale), position_bias, float(dropout),
+                  _weights_requested(kwargs))
 
 
-_CALL_DOC = (
-    "query ``(B, Hq, Tq, D)``, key/value ``(B, Hkv, Tk, D)`` (grouped-query heads not repeated), attention_mask "
-    "bool ``(B, 1, Tq, Tk)`` (True = attend), an additive float mask (``finfo.min`` = masked) or None (purely "
-    "causal when ``module.is_causal`` and Tq > 1). Returns ``(output (B, Tq, Hq, D), weights (B, Hq, Tq, Tk) "
-    "or None)``; weights only when attention outputs are requested."
-)
-Attend = Callable[..., tuple[Tensor, Tensor | None]]
+def _options(call: HFCall) -> dict[str, Any]:
+    return dict(is_causal=call.is_causal, scale=call.scale, bias=call.bias, dropout_p=call.dropout_p)
 
 
-def _make_forward(name: str, attend: Attend, summary: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
-    """A transformers attention function: transformers' arguments through :func:`_prepare_call`, then
-    ``attend(query, key, value, attention_mask, is_causal=, scale=, bias=, dropout_p=, with_weights=)`` ->
-    ``(output (B, Hq, Tq, D), weights or None)``, returned in transformers' ``(B, Tq, Hq, D)`` layout."""
-
-    def forward(
-        module: torch.nn.Module,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        attention_mask: Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        **kwargs: Any,
-    ) -> tuple[Tensor, Tensor | None]:
-        query, key, value, attention_mask, causal, scaling, position_bias = _prepare_call(
-            module, query, key, value, attention_mask, scaling, kwargs)
-        out, weights = attend(query, key, value, attention_mask, is_causal=causal, scale=scaling, bias=position_bias,
-                              dropout_p=float(dropout), with_weights=_weights_requested(kwargs))
-        return out.to(query.dtype).transpose(1, 2).contiguous(), weights
-
-    forward.__name__ = forward.__qualname__ = f"{name}_attention_forward"
-    forward.__doc__ = f"{summary}\n\n{_CALL_DOC}"
-    return forward
+def _hf_layout(out: Tensor, call: HFCall) -> Tensor:
+    """``(B, Hq, Tq, D)`` -> transformers' ``(B, Tq, Hq, D)`` in the query's dtype."""
+    return out.to(call.query.dtype).transpose(1, 2).contiguous()
 
 
-def _sa_attend(*, normalize: bool, detach_range: bool, eps: float, backend: str) -> Attend:
-    def attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, *, with_weights: bool,
-               **options: Any) -> tuple[Tensor, Tensor | None]:
-        options.update(normalize=normalize, detach_range=detach_range, eps=eps)
-        if with_weights:
-            return sa_attention_with_weights(query, key, value, attention_mask, **options)
-        return sa_attention(query, key, value, attention_mask, backend=backend, **options), None
+def sa_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                         attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None, *,
+                         normalize: bool = True, detach_range: bool = False, eps: float = DEFAULT_EPS,
+                         backend: str = "auto", **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """SA-Softmax attention as a transformers attention function.
 
-    return attend
+    query ``(B, Hq, Tq, D)``, key/value ``(B, Hkv, Tk, D)`` (grouped-query heads not repeated), attention_mask bool
+    ``(B, 1, Tq, Tk)`` (True = attend), an additive float mask (``finfo.min`` = masked) or None (purely causal when
+    ``module.is_causal`` and Tq > 1). Returns ``(output (B, Tq, Hq, D), weights (B, Hq, Tq, Tk) or None)``; weights
+    only when attention outputs are requested."""
+    call = prepare_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    sa = dict(normalize=normalize, detach_range=detach_range, eps=eps)
+    if call.with_weights:
+        out, weights = sa_attention_with_weights(call.query, call.key, call.value, call.attention_mask,
+                                                 **_options(call), **sa)
+        return _hf_layout(out, call), weights
+    out = sa_attention(call.query, call.key, call.value, call.attention_mask, backend=backend, **_options(call), **sa)
+    return _hf_layout(out, call), None
 
 
-def _make_sa_forward(
-    name: str, *, normalize: bool, detach_range: bool, eps: float, backend: str
-) -> Callable[..., tuple[Tensor, Tensor | None]]:
-    summary = (f"transformers attention function `{name}` (normalize={normalize}, detach_range={detach_range}, "
-               f"eps={eps}, backend={backend!r}).")
-    return _make_forward(name, _sa_attend(normalize=normalize, detach_range=detach_range, eps=eps, backend=backend),
-                         summary)
+def sa_softmax_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                                 attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """``"sa_softmax"``: the paper's normalized form (:func:`sa_attention_forward` with ``normalize=True``)."""
+    return sa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, normalize=True, **kwargs)
 
 
-_DEFAULTS: dict[str, Any] = dict(detach_range=False, eps=1e-10, backend="auto")
-sa_softmax_attention_forward = _make_sa_forward(NORMALIZED, normalize=True, **_DEFAULTS)
-sa_softmax_plain_attention_forward = _make_sa_forward(PLAIN, normalize=False, **_DEFAULTS)
+def sa_softmax_plain_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                                       attention_mask: Tensor | None, dropout: float = 0.0,
+                                       scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """``"sa_softmax_plain"``: ``x * softmax(x)`` (:func:`sa_attention_forward` with ``normalize=False``)."""
+    return sa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, normalize=False,
+                                **kwargs)
+
+
+def normalizer_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                                 attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None, *,
+                                 normalizer: str, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """A :mod:`sasoftmax.normalizers` entry as a transformers attention function (arguments and returns as
+    :func:`sa_attention_forward`); weights from its materialized ``weights`` when requested."""
+    from ..normalizers import get_normalizer, materialized_attention
+
+    entry = get_normalizer(normalizer)
+    call = prepare_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    if call.with_weights:
+        out, weights = materialized_attention(entry.weights, call.query, call.key, call.value,
+                                              attn_mask=call.attention_mask, return_weights=True, **_options(call))
+        return _hf_layout(out, call), weights.to(call.query.dtype)
+    out = entry.fn(call.query, call.key, call.value, attn_mask=call.attention_mask, alibi_slopes=None, module=None,
+                   **_options(call))
+    return _hf_layout(out, call), None
 
 
 def _check_name(name: Any) -> None:
@@ -228,7 +241,7 @@ def _check_name(name: Any) -> None:
         raise ValueError(f"`name`={name!r} is a built-in transformers attention implementation; choose another")
 
 
-def _install(name: str, fn: Callable[..., tuple[Tensor, Tensor | None]]) -> None:
+def _install(name: str, fn: AttentionForward) -> None:
     attention_interface, mask_interface, sdpa_mask = _import_transformers()
     attention_interface.register(name, fn)
     mask_interface.register(name, sdpa_mask)
@@ -248,7 +261,7 @@ def register_variant(
     *,
     normalize: bool = True,
     detach_range: bool = False,
-    eps: float = 1e-10,
+    eps: float = DEFAULT_EPS,
     backend: str = "auto",
 ) -> str:
     """Register one more SA attention implementation under ``name`` (e.g. ``"sa_softmax_detached"`` with
@@ -260,25 +273,9 @@ def register_variant(
 
     if backend not in available_backends():
         raise ValueError(f"unknown `backend`={backend!r}; expected one of {available_backends()}")
-    _install(name, _make_sa_forward(name, normalize=bool(normalize), detach_range=bool(detach_range),
-                                    eps=float(eps), backend=backend))
+    _install(name, functools.partial(sa_attention_forward, normalize=bool(normalize), detach_range=bool(detach_range),
+                                     eps=float(eps), backend=backend))
     return name
-
-
-def _registry_attend(normalizer: str) -> Attend:
-    from ..normalizers import get_normalizer, materialized_attention
-
-    entry = get_normalizer(normalizer)
-
-    def attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, *, with_weights: bool,
-               **options: Any) -> tuple[Tensor, Tensor | None]:
-        if with_weights:
-            out, weights = materialized_attention(entry.weights, query, key, value, attn_mask=attention_mask,
-                                                  return_weights=True, **options)
-            return out, weights.to(query.dtype)
-        return entry.fn(query, key, value, attn_mask=attention_mask, alibi_slopes=None, module=None, **options), None
-
-    return attend
 
 
 def register_from_registry(normalizer: str, name: str | None = None) -> str:
@@ -300,8 +297,7 @@ def register_from_registry(normalizer: str, name: str | None = None) -> str:
         raise ValueError(f"normalizer {normalizer!r} has no materialized `weights` function")
     name = normalizer if name is None else name
     _check_name(name)
-    summary = f"transformers attention function for the sasoftmax normalizer `{normalizer}` ({entry.description})."
-    _install(name, _make_forward(name, _registry_attend(normalizer), summary))
+    _install(name, functools.partial(normalizer_attention_forward, normalizer=normalizer))
     return name
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import available_backends
+from ..functional import DEFAULT_EPS
 from ..normalizers import get_normalizer, materialized_attention
 
 __all__ = ["SAMultiheadAttention", "convert"]
@@ -81,7 +82,7 @@ class SAMultiheadAttention(nn.MultiheadAttention):
         normalizer: str | None = None,
         normalize: bool = True,
         detach_range: bool = False,
-        eps: float = 1e-10,
+        eps: float = DEFAULT_EPS,
         backend: str = "auto",
     ) -> None:
         super().__init__(
@@ -135,8 +136,8 @@ class SAMultiheadAttention(nn.MultiheadAttention):
 
     @classmethod
     def from_torch(
-        cls, mha: nn.MultiheadAttention, *, normalize: bool = True, detach_range: bool = False, eps: float = 1e-10,
-        backend: str = "auto", normalizer: str | None = None,
+        cls, mha: nn.MultiheadAttention, *, normalize: bool = True, detach_range: bool = False,
+        eps: float = DEFAULT_EPS, backend: str = "auto", normalizer: str | None = None,
     ) -> SAMultiheadAttention:
         """A new :class:`SAMultiheadAttention` with the configuration and (shared) parameters of ``mha``."""
         if not isinstance(mha, nn.MultiheadAttention):
@@ -367,7 +368,7 @@ def convert(model: nn.Module, *, normalize: bool = True, detach_range: bool = Fa
                           normalizer=normalizer)
         elif type(mod) is nn.MultiheadAttention:
             mod.__class__ = SAMultiheadAttention
-            mod._setup_sa(normalize=normalize, detach_range=detach_range, eps=1e-10, backend="auto",
+            mod._setup_sa(normalize=normalize, detach_range=detach_range, eps=DEFAULT_EPS, backend="auto",
                           normalizer=normalizer)
         elif isinstance(mod, nn.MultiheadAttention):
             raise TypeError(

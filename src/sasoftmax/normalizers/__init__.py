@@ -20,7 +20,7 @@ Calling convention of ``Normalizer.fn``::
 * ``dropout_p``: dropout on the attention weights (the caller passes 0.0 in evaluation).
 * ``module``: the calling attention module or None. Normalizers with learnable parameters keep them on it (created by
   ``init_params(module, n_heads)`` when the model is built); SA normalizers read ``module.attn_backend`` (default
-  ``"auto"``) and ``module.sa_eps`` (default ``1e-10``) when the module has them.
+  ``"auto"``) and ``module.sa_eps`` (default :data:`sasoftmax.functional.DEFAULT_EPS`) when the module has them.
 
 Returns ``(B, Hq, Nq, Dv)`` in the dtype of ``q``. A query row with no visible key returns 0 (never NaN).
 
@@ -46,7 +46,7 @@ SSMax, softpick, stablemax). Importing this package registers all of them.
 from ..attention.inputs import alibi_bias, causal_visibility, repeat_kv
 from ..attention.materialized import MATERIALIZED_TILE_SCORES, materialized_attention
 from . import peers
-from .builtin import DEFAULT_SA_EPS, masked_softmax, softmax_attention
+from .builtin import masked_softmax, softmax_attention
 from .registry import (
     AttentionFn,
     InitParamsFn,
@@ -71,7 +71,6 @@ __all__ = [
     "materialized_attention",
     "MATERIALIZED_TILE_SCORES",
     "masked_softmax",
-    "DEFAULT_SA_EPS",
     "alibi_bias",
     "causal_visibility",
     "repeat_kv",

@@ -8,12 +8,11 @@ from torch import Tensor, nn
 
 from ..attention import sa_attention
 from ..attention.inputs import prepare, repeat_kv
-from ..functional import sa_rows, softmax_rows
+from ..functional import DEFAULT_EPS, compute_dtype, sa_rows, softmax_rows
 from .registry import AttentionFn, WeightsFn, register_normalizer
 
-__all__ = ["softmax_attention", "masked_softmax", "DEFAULT_SA_EPS"]
+__all__ = ["softmax_attention", "masked_softmax"]
 
-DEFAULT_SA_EPS = 1e-10
 """Denominator bias of the normalized form when the calling module sets no ``sa_eps``."""
 
 
@@ -54,7 +53,7 @@ def softmax_attention(
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=inp.scale)
     # One additive float mask in float32 (float64 for float64 inputs), then cast to the input dtype (SDPA wants the
     # same dtype as q).
-    mdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mdt = compute_dtype(q.dtype)
     add = inp.additive(0, inp.nq, mdt)
     if inp.bias is not None:
         add = inp.bias.to(mdt) if add is None else add + inp.bias.to(mdt)
@@ -96,7 +95,7 @@ def _sa(normalize: bool, detach_range: bool) -> AttentionFn:
         return sa_attention(
             q, k, v, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes,
             normalize=normalize, detach_range=detach_range, dropout_p=dropout_p,
-            eps=_module_option(module, "sa_eps", DEFAULT_SA_EPS),
+            eps=_module_option(module, "sa_eps", DEFAULT_EPS),
             backend=_module_option(module, "attn_backend", "auto"),
         )
 
@@ -104,7 +103,7 @@ def _sa(normalize: bool, detach_range: bool) -> AttentionFn:
     fn.__doc__ = (
         f"SA-Softmax attention (normalize={normalize}, detach_range={detach_range}) through "
         "`sasoftmax.sa_attention`; the backend is `module.attn_backend` (default 'auto') and the denominator bias "
-        "`module.sa_eps` (default 1e-10). ALiBi slopes are passed through, so no N x N bias is built."
+        f"`module.sa_eps` (default {DEFAULT_EPS:g}). ALiBi slopes are passed through, so no N x N bias is built."
     )
     return fn
 
@@ -112,7 +111,7 @@ def _sa(normalize: bool, detach_range: bool) -> AttentionFn:
 def _sa_weights(normalize: bool, detach_range: bool) -> WeightsFn:
     def weights(s: Tensor, visible: Tensor | None, module: nn.Module | None = None) -> Tensor:
         return sa_rows(s, visible, normalize=normalize, detach_range=detach_range,
-                       eps=_module_option(module, "sa_eps", DEFAULT_SA_EPS))
+                       eps=_module_option(module, "sa_eps", DEFAULT_EPS))
 
     weights.__name__ = f"sa_weights_normalize_{normalize}_detach_{detach_range}"
     return weights

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ....functional import compute_dtype
 from ...inputs import AttentionInputs
 from ...op import BwdArgs, FwdArgs, define_attention_op, stats_dtype
 from .build import default_panel_rows, extension, gemm_in_use, hardware_capabilities, load_error, score_products_in_use
@@ -48,7 +49,7 @@ def block_rows(nk: int, rows: int | None = None) -> int:
 def compute_operands(q: Tensor, mask_add: Tensor | None, bias: Tensor | None, slopes: Tensor | None):
     """The float operands in the kernel's compute dtype (float64 for float64 inputs, else float32), converted
     without materializing broadcast dims: ``(mask_add, bias, slopes)``."""
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(q.dtype)
     slopes = None if slopes is None else slopes.to(cdt).contiguous()
     return _compact_to(mask_add, cdt), _compact_to(bias, cdt), slopes
 
