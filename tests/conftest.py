@@ -2,11 +2,28 @@
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, so it is set here, at
 collection time, whenever no GPU is present. On a CUDA machine the real kernels run.
+
+Test files that need an optional package import it at their top like any other; where the package is not installed
+they are not collected, and the report header says which files and why (:data:`OPTIONAL`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+
+# optional package -> the test files that need it
+OPTIONAL = {
+    "triton": ["core/test_triton.py", "gpu/test_triton_gpu.py"],
+    "transformers": ["integrations/test_hf.py", "lm/test_export.py"],
+}
+_MISSING = {pkg: files for pkg, files in OPTIONAL.items() if importlib.util.find_spec(pkg) is None}
+collect_ignore = [path for files in _MISSING.values() for path in files]
+
+
+def pytest_report_header(config) -> list[str]:
+    return [f"not collected: {', '.join(files)} (needs {pkg}, which is not installed)"
+            for pkg, files in _MISSING.items()]
 
 
 def _cuda_available() -> bool:

@@ -10,11 +10,9 @@ import zlib
 
 import pytest
 import torch
-from helpers import (
+from support.helpers import (
     BACKENDS,
-    F32_RUNNER_IDS,
     F32_RUNNERS,
-    RUNNER_IDS,
     RUNNERS,
     VARIANTS,
     dropout_keep_of,
@@ -22,7 +20,7 @@ from helpers import (
     qkv,
     run_sa,
 )
-from reference64 import oracle_attention
+from support.reference64 import oracle_attention
 
 from sasoftmax import sa_attention, sa_attention_with_weights
 
@@ -156,21 +154,21 @@ def _check_against_oracle(runner, case: str, normalize: bool, detach_range: bool
         torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("normalize,detach_range", VARIANTS)
 @pytest.mark.parametrize("case", CASES)
 def test_matches_oracle_float64(runner, case, normalize, detach_range):
     _check_against_oracle(runner, case, normalize, detach_range, torch.float64, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("runner", F32_RUNNERS, ids=F32_RUNNER_IDS)
+@pytest.mark.parametrize("runner", F32_RUNNERS)
 @pytest.mark.parametrize("normalize,detach_range", VARIANTS)
 @pytest.mark.parametrize("case", ["basic", "causal_nq_gt_nk", "float_mask", "bias_b1qk", "gqa_1", "alibi_bh"])
 def test_matches_oracle_float32(runner, case, normalize, detach_range):
     _check_against_oracle(runner, case, normalize, detach_range, torch.float32, atol=2e-5, rtol=2e-4)
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_detach_range_changes_gradients_not_values(runner):
     """Scores of both signs make a and b matter: the two range modes must agree in value, differ in gradient,
     and each match the oracle with (or without) the gradient through min/max."""
@@ -275,7 +273,7 @@ def _dropout_inputs(seed: int = 20):
     return qkv(2, 2, 2, 9, 11, 4, 5, torch.float64, seed=seed)
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_dropout_reproducible_with_generator(runner):
     backend, block = runner
     q, k, v = _dropout_inputs()

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from helpers import qkv
+from support.helpers import qkv
 
 from sasoftmax import sa_attention
 from sasoftmax.attention.backends import cpp as cpp_backend

@@ -16,9 +16,9 @@ import threading
 
 import pytest
 import torch
-from accuracy import check_backends_against_oracle
-from helpers import VARIANTS, grads_of, qkv
-from reference64 import oracle_attention
+from support.accuracy import check_backends_against_oracle
+from support.helpers import VARIANTS, grads_of, qkv
+from support.reference64 import oracle_attention
 
 from sasoftmax import sa_attention
 from sasoftmax.attention import backends, prepare

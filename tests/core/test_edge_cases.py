@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accuracy import check_backends_against_oracle
-from helpers import BACKENDS, RUNNER_IDS, RUNNERS, VARIANTS, grads_of, qkv, run_sa
-from reference64 import oracle_attention
+from support.accuracy import check_backends_against_oracle
+from support.helpers import BACKENDS, RUNNERS, VARIANTS, grads_of, qkv, run_sa
+from support.reference64 import oracle_attention
 
 from sasoftmax import sa_attention
 
@@ -35,7 +35,7 @@ def _masks(kind: str, B: int, H: int, Nq: int, Nk: int):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("normalize,detach_range", VARIANTS)
 @pytest.mark.parametrize("kind", ["bool", "float", "causal_nq_gt_nk", "key_padding_all"])
 def test_fully_masked_rows_are_zero_with_zero_gradient(runner, kind, normalize, detach_range):
@@ -61,7 +61,7 @@ def test_fully_masked_rows_are_zero_with_zero_gradient(runner, kind, normalize, 
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_every_row_masked(runner):
     q, k, v = qkv(1, 2, 2, 3, 4, 3, 3, seed=5)
     out = run_sa(*runner, q, k, v, torch.zeros(3, 4, dtype=torch.bool))
@@ -70,7 +70,7 @@ def test_every_row_masked(runner):
     assert (gq == 0).all() and (gk == 0).all() and (gv == 0).all()
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_single_key(runner, normalize):
     """One visible key: plain w = s; normalized w = s / (s + eps) for s > 0 and 0 for s < 0."""
@@ -86,7 +86,7 @@ def test_single_key(runner, normalize):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("normalize,detach_range", VARIANTS)
 def test_n_equals_one(runner, normalize, detach_range):
     q, k, v = qkv(3, 2, 1, 1, 1, 4, 2, seed=8)
@@ -98,7 +98,7 @@ def test_n_equals_one(runner, normalize, detach_range):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_decode_matches_full_causal(runner, normalize):
     """Decoding with a KV cache: Nq = 1 (and 2) causal queries against Nk keys equal the last rows of full causal
@@ -149,7 +149,7 @@ def test_half_precision_accuracy_rule(dtype, case, normalize, detach_range):
         assert err <= loose * scale, (name, errs)
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_non_contiguous_inputs(runner):
     """Transposed (B, N, H, D) views, sliced heads and an expanded bias give the contiguous result."""
     B, N, H, D = 2, 6, 4, 5
@@ -175,7 +175,7 @@ def test_non_contiguous_inputs(runner):
     torch.testing.assert_close(got[3], exp[3].transpose(-1, -2).sum(1, keepdim=True), atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("shape", [(0, 2, 2, 3, 4), (2, 2, 2, 0, 4)], ids=["batch0", "nq0"])
 def test_empty_batch_or_queries(runner, shape):
     B, Hq, Hkv, Nq, Nk = shape
@@ -187,7 +187,7 @@ def test_empty_batch_or_queries(runner, shape):
         assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all()
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_no_keys_gives_zeros(runner):
     """Nk = 0: every row has no visible key, so the output is 0 (contract.md section 1), on every backend."""
     q, k, v = qkv(2, 2, 2, 3, 0, 4, 5, seed=16)
@@ -210,7 +210,7 @@ def test_zero_eps_with_all_zero_scores_is_not_silently_nan(backend):
     assert torch.isfinite(out).all(), "eps=0 with all-zero scores silently produced NaN"
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_all_equal_scores(runner, normalize):
     """Ties everywhere (q = 0): the softmax is uniform; normalized weights are 0 (s - a = 0) and plain weights 0;
@@ -224,7 +224,7 @@ def test_all_equal_scores(runner, normalize):
     torch.testing.assert_close(out, (w * v.sum(2, keepdim=True)).expand(1, 2, 3, 4), atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_large_scores_via_bias_float64(runner, normalize):
     """Scores of magnitude ~1e4 (through the bias) in float64: finite and equal to the oracle."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, qkv
+from support.helpers import BACKENDS, qkv
 
 from sasoftmax import sa_attention, sa_attention_with_weights, sa_softmax
 

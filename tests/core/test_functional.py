@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference64 import oracle_sa_softmax
+from support.reference64 import oracle_sa_softmax
 
 from sasoftmax import sa_softmax
 

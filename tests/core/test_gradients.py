@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import VARIANTS, dropout_keep_of, grads_of
-from reference64 import oracle_attention, oracle_ranges, oracle_sa_softmax, oracle_scores
+from support.helpers import VARIANTS, dropout_keep_of, grads_of
+from support.reference64 import oracle_attention, oracle_ranges, oracle_sa_softmax, oracle_scores
 
 from sasoftmax import sa_attention, sa_softmax
 from sasoftmax.attention import prepare

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference64 import oracle_attention
+from support.reference64 import oracle_attention
 
 from sasoftmax import sa_attention
 from sasoftmax.attention import prepare

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import RUNNER_IDS, RUNNERS, grads_of, run_sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference64 import oracle_attention, oracle_sa_softmax
+from support.helpers import RUNNERS, grads_of, run_sa
+from support.reference64 import oracle_attention, oracle_sa_softmax
 
 from sasoftmax import sa_attention_with_weights, sa_softmax
 
@@ -85,7 +85,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
     torch.testing.assert_close(a.double(), b.double(), atol=rel * scale, rtol=rel)
 
 
-@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("runner", RUNNERS)
 @SETTINGS
 @given(problem=attention_problems())
 def test_attention_matches_oracle(runner, problem):

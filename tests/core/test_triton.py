@@ -17,18 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from support.accuracy import accuracy_violation, assert_accuracy_rule, reduction_terms64
 
-pytest.importorskip("triton")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from accuracy import accuracy_violation, assert_accuracy_rule, reduction_terms64  # noqa: E402
-
-from sasoftmax.attention.api import sa_attention, sa_attention_with_weights  # noqa: E402
-from sasoftmax.attention.backends import triton as tb  # noqa: E402
-from sasoftmax.attention.backends.triton import kernels as tk  # noqa: E402
-from sasoftmax.attention.backends.triton import triton_attention, unsupported_reason  # noqa: E402
-from sasoftmax.attention.inputs import prepare  # noqa: E402
+from sasoftmax.attention.api import sa_attention, sa_attention_with_weights
+from sasoftmax.attention.backends import triton as tb
+from sasoftmax.attention.backends.triton import kernels as tk
+from sasoftmax.attention.backends.triton import triton_attention, unsupported_reason
+from sasoftmax.attention.inputs import prepare
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from sasoftmax.attention.api import sa_attention
+from sasoftmax.attention.backends import triton as tb
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
@@ -28,9 +29,6 @@ def _helpers():
 
 _H = _helpers()
 DEVICE, check, qkv, rand, _sink_inputs = _H.DEVICE, _H.check, _H.qkv, _H.rand, _H._sink_inputs
-
-from sasoftmax.attention.api import sa_attention  # noqa: E402
-from sasoftmax.attention.backends import triton as tb  # noqa: E402
 
 
 @pytest.fixture(params=[False, True], ids=["fast", "deterministic"])

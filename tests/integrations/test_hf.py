@@ -8,10 +8,7 @@ import sys
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-
-from transformers import (  # noqa: E402
+from transformers import (
     AttentionInterface,
     AttentionMaskInterface,
     AutoModelForCausalLM,
@@ -20,10 +17,10 @@ from transformers import (  # noqa: E402
     MistralConfig,
     Qwen2Config,
 )
-from transformers.masking_utils import eager_mask, sdpa_mask  # noqa: E402
+from transformers.masking_utils import eager_mask, sdpa_mask
 
-import sasoftmax.integrations.hf as sa_hf  # noqa: E402
-from sasoftmax import sa_softmax  # noqa: E402
+import sasoftmax.integrations.hf as sa_hf
+from sasoftmax import sa_softmax
 
 VOCAB = 100
 

@@ -11,18 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
-from sasoftmax.lm.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from sasoftmax.lm.cli import main  # noqa: E402
-from sasoftmax.lm.config import TrainConfig  # noqa: E402
-from sasoftmax.lm.data import ByteTokenizer, load_tokenizer  # noqa: E402
-from sasoftmax.lm.export import export_checkpoint, load_for_sampling, sample_text  # noqa: E402
-from sasoftmax.lm.generate import generate  # noqa: E402
-from sasoftmax.lm.hf import register  # noqa: E402
-from sasoftmax.lm.model import GPT, GPTConfig, KVCache  # noqa: E402
-from sasoftmax.normalizers import list_normalizers  # noqa: E402
-from sasoftmax.positional import list_positionals  # noqa: E402
+from sasoftmax.lm.checkpoint import CheckpointError, save_checkpoint
+from sasoftmax.lm.cli import main
+from sasoftmax.lm.config import TrainConfig
+from sasoftmax.lm.data import ByteTokenizer, load_tokenizer
+from sasoftmax.lm.export import export_checkpoint, load_for_sampling, sample_text
+from sasoftmax.lm.generate import generate
+from sasoftmax.lm.hf import register
+from sasoftmax.lm.model import GPT, GPTConfig, KVCache
+from sasoftmax.normalizers import list_normalizers
+from sasoftmax.positional import list_positionals
 
 register()  # the exported model with transformers' Auto classes (the documented explicit call)
 

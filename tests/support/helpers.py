@@ -32,16 +32,31 @@ def qkv(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: int, dtype: tor
 
 
 
-BACKENDS = ["reference", "chunked", "cpp"]
+def _cpu_backends() -> list[str]:
+    from sasoftmax.attention.backends import REGISTRY
+
+    return [b.name for b in REGISTRY if b.devices is None or "cpu" in b.devices]
+
+
+BACKENDS = [pytest.param(name, id=name) for name in _cpu_backends()]
+"""The backend axis of the CPU test matrix: every registered backend that serves CPU tensors (the Triton kernel has
+its own tests, under the interpreter here and compiled on a GPU)."""
+
 # (backend, block size in query rows): None = the backend's default; "N" = one block holding every query row. The
 # fused kernel's default block holds every row of these small cases, so "cpp" is its "N" too.
-RUNNERS = [("reference", None), ("chunked", None), ("chunked", 1), ("chunked", 3), ("chunked", "N"), ("cpp", None),
-           ("cpp", 1), ("cpp", 3)]
-RUNNER_IDS = ["reference", "chunked", "chunked-b1", "chunked-b3", "chunked-bN", "cpp", "cpp-b1", "cpp-b3"]
+RUNNERS = [
+    pytest.param(("reference", None), id="reference"),
+    pytest.param(("chunked", None), id="chunked"),
+    pytest.param(("chunked", 1), id="chunked-b1"),
+    pytest.param(("chunked", 3), id="chunked-b3"),
+    pytest.param(("chunked", "N"), id="chunked-bN"),
+    pytest.param(("cpp", None), id="cpp"),
+    pytest.param(("cpp", 1), id="cpp-b1"),
+    pytest.param(("cpp", 3), id="cpp-b3"),
+]
 # The fused kernel forms its float32 score products from K/V panels once enough query rows share a key/value head
 # (more than these small cases have): "panels" forces that path, for float32 matrices (float64 never takes it).
-F32_RUNNERS = [*RUNNERS, ("cpp", "panels")]
-F32_RUNNER_IDS = [*RUNNER_IDS, "cpp-panels"]
+F32_RUNNERS = [*RUNNERS, pytest.param(("cpp", "panels"), id="cpp-panels")]
 
 
 def run_sa(backend: str, block_size: int | str | None, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:

@@ -101,9 +101,8 @@ def check_backends_against_oracle(leaves: list[Tensor], args: tuple, kw: dict, g
     rest of the ``sa_attention`` call) and assert the accuracy rule against the float64 oracle for the output and
     every gradient (scale ``max(min_scale, max|exact|)``, reduced gradients with their terms). Returns the max
     errors ``{backend: {name: error}}``."""
-    from reference64 import oracle_attention
-
     from sasoftmax import sa_attention
+    from support.reference64 import oracle_attention
 
     q, k, v = leaves[:3]
     bias = leaves[3] if len(leaves) > 3 else None
