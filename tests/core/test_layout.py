@@ -120,3 +120,112 @@ def test_functions_stay_small():
                 too_many.append(f"{rel}:{node.lineno} {node.name} ({len(params)} parameters)")
     assert not too_long and not too_many, (f"functions over {MAX_LINES} lines: {too_long}; functions with more than "
                                            f"{MAX_PARAMS} parameters: {too_many}")
+
+
+# ------------------------------------------------------------------------------------------------ structure
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (at module level or inside functions), leaving out a module's own
+    ancestor packages (importing a submodule imports them anyway)."""
+    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imported_modules(path):
+            while imported and imported not in modules:  # `from pkg.mod import name` names pkg.mod.name
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycle_among_the_package_modules():
+    graph = _import_graph()
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+    assert len(graph) > 30
+
+
+def test_no_deprecation_shims():
+    shims = [p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py") if "DeprecationWarning" in p.read_text()]
+    assert not shims and not (SRC / "_compat.py").exists(), shims
+
+
+def _environ_reads(path: Path) -> list[str]:
+    """The string keys a module reads from ``os.environ`` / ``os.getenv``."""
+    keys = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        target = None
+        if isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
+            target = node.slice
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.environ.get", "os.getenv",
+                                                                       "os.environ.setdefault"):
+            target = node.args[0] if node.args else None
+        if isinstance(target, ast.Constant) and isinstance(target.value, str):
+            keys.append(target.value)
+    return keys
+
+
+def test_sasoftmax_environment_variables_are_read_by_the_one_parser():
+    from sasoftmax.env import VARIABLES
+
+    readers = {p.relative_to(SRC).as_posix(): [k for k in _environ_reads(p) if k.startswith("SASOFTMAX_")]
+               for p in SRC.rglob("*.py")}
+    readers = {k: v for k, v in readers.items() if v and k != "env.py"}
+    assert not readers, f"read outside sasoftmax/env.py: {readers}"
+    named = {text for p in SRC.rglob("*.py") for text in _code_strings(p)
+             if text.startswith("SASOFTMAX_") and text.replace("_", "").isalnum()}
+    assert named <= set(VARIABLES), f"not listed in sasoftmax.env.VARIABLES: {sorted(named - set(VARIABLES))}"
+
+
+def test_every_registered_backend_has_the_backend_shape():
+    import torch
+
+    from sasoftmax.attention import prepare
+    from sasoftmax.attention.backends import REGISTRY
+
+    inp = prepare(*[torch.zeros(1, 1, 2, 4)] * 3)
+    for backend in REGISTRY:
+        for fn in ("load_error", "unsupported_reason", "run"):
+            assert callable(getattr(backend.module, fn, None)), (backend.name, fn)
+        err = backend.load_error()
+        assert err is None or isinstance(err, str), backend.name
+        if err is None:
+            reason = backend.unsupported_reason(inp)
+            assert reason is None or isinstance(reason, str), backend.name
+
+
+def test_auto_names_no_backend():
+    from sasoftmax.attention.backends import REGISTRY
+
+    names = {b.name for b in REGISTRY}
+    api = SRC / "attention" / "api.py"
+    assert not names & set(_code_strings(api)), "attention/api.py names a backend"
+    tree = ast.parse((SRC / "attention" / "backends" / "__init__.py").read_text())
+    choose = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "choose")
+    strings = {n.value for n in ast.walk(choose) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not names & strings, "backends.choose names a backend"
