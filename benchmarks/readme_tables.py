@@ -1,4 +1,5 @@
-"""Rewrite the README's benchmark section from the result files the benchmark scripts wrote (docs/results/).
+"""Rebuild the benchmark tables from the result files the benchmark scripts wrote (docs/results/): the full section
+in docs/results/benchmarks.md and the summary table in the README.
 
     python benchmarks/bench_cpu_attention.py --out docs/results/cpu_attention.md
     python benchmarks/bench_cpu_attention.py --causal --out docs/results/cpu_attention_causal.md
@@ -14,8 +15,8 @@
     python benchmarks/bench_cpu_scores.py --dtype bfloat16 --out docs/results/cpu_scores_bf16.md
     python benchmarks/readme_tables.py
 
-Only text between the README's ``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers changes; every figure in
-it is copied from those files, which carry their own date and machine line.
+Only text between the ``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers of the two files changes; every
+figure in them is copied from the result files, which carry their own date and machine line.
 """
 
 from __future__ import annotations
@@ -75,6 +76,55 @@ def _ratios(table: str, columns: tuple[str, ...], limit: float) -> str:
 
 
 
+def _when_where(table: str) -> str:
+    """``2026-12-01, AMD EPYC (AVX2)`` from a bench_cpu_attention header line (``— DATE TIME UTC, CPU, ...``)."""
+    m = re.search(r"— (\d{4}-\d\d-\d\d) [\d:]+ UTC, ([^,]+),", table)
+    return f"{m.group(1)}, {m.group(2)}" if m else "date and machine in the file"
+
+
+def _train_ratios(text: str) -> tuple[str, str]:
+    """(``alibi 1.050 / rope 1.015`` in float32, the first header's date and CPU) of bench_train's output."""
+    ratios = re.findall(r", (\w+), float32;.*?\n.*?\n.*?\n\s+ratio sa_softmax/softmax = ([\d.]+)", text)
+    m = re.search(r"bench_train\s+(\d{4}-\d\d-\d\d)\S*\s+\S+\s+(.+?\))", text)
+    where = f"{m.group(1)}, {m.group(2)}" if m else "date and machine in the file"
+    return " / ".join(f"{pos} {r}" for pos, r in ratios), where
+
+
+def _decode_ratio(text: str) -> tuple[str, str]:
+    m = re.search(r"^ratio\s+([\d.]+)\s+([\d.]+)", text, flags=re.M)
+    d = re.search(r"^date\s+(\d{4}-\d\d-\d\d)", text, flags=re.M)
+    cpu = re.search(r"^machine\s+\S+ ([^,]+),", text, flags=re.M)
+    return (f"prefill {m.group(1)}x, decode {m.group(2)}x" if m else "?",
+            f"{d.group(1) if d else '?'}, {cpu.group(1) if cpu else '?'}")
+
+
+def summary() -> str:
+    """The README's one table: each headline ratio, when and where it was measured, and its full table."""
+    plain, causal = _read("cpu_attention.md"), _read("cpu_attention_causal.md")
+    bf16, bf16_causal = _read("cpu_attention_bf16.md"), _read("cpu_attention_bf16_causal.md")
+    train, train_where = _train_ratios(_read("train_throughput.txt"))
+    decode, decode_where = _decode_ratio(_read("hf_decode.txt"))
+    full = "[table](docs/results/benchmarks.md)"
+
+    def row(what: str, table: str, columns: tuple[str, ...]) -> str:
+        cells = " / ".join(c for n in LENGTHS if (c := _cell(table, n, columns)) is not None)
+        return f"| {what} | {cells} (N = {' / '.join(map(str, LENGTHS))}) | {_when_where(table)} | {full} |"
+
+    rows = [
+        row("SA / SDPA time, forward+backward, fp32", plain, TIME_RATIO),
+        row("the same, causal", causal, TIME_RATIO),
+        row("the same, bf16", bf16, TIME_RATIO),
+        row("the same, bf16 causal", bf16_causal, TIME_RATIO),
+        row("SA / SDPA time, forward alone, fp32", plain, ("SA/SDPA fwd",)),
+        row("SA / naive eager SA, peak memory, fp32", plain, MEMORY_RATIO),
+        f"| SA / softmax training tokens/s (4x256 GPT, length 512, fp32) | {train} | {train_where} | {full} |",
+        f"| SA / SDPA, tiny Llama in transformers | {decode} | {decode_where} | {full} |",
+    ]
+    return ("CPU, 2 threads; every figure printed by a script in `benchmarks/` that times ours and the baseline "
+            "alternately in one process (medians), copied here by `benchmarks/readme_tables.py`:\n\n"
+            "| measured | ratio | when, where | full table |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def section() -> str:
     plain, causal = _read("cpu_attention.md"), _read("cpu_attention_causal.md")
     bf16, bf16_causal = _read("cpu_attention_bf16.md"), _read("cpu_attention_bf16_causal.md")
@@ -128,14 +178,18 @@ block, SDPA alongside — `python benchmarks/bench_cpu_scores.py [--dtype bfloat
 """
 
 
-def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def _rewrite(path: Path, body: str) -> None:
+    text = path.read_text()
     if START not in text or END not in text:
-        sys.exit(f"readme_tables: README.md has no {START} ... {END} markers")
-    new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{section()}{END}", text, flags=re.S)
-    readme.write_text(new)
-    print("README.md benchmark section rebuilt from docs/results/")
+        sys.exit(f"readme_tables: {path.name} has no {START} ... {END} markers")
+    path.write_text(re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{body}{END}", text,
+                           flags=re.S))
+
+
+def main() -> None:
+    _rewrite(RESULTS / "benchmarks.md", section())
+    _rewrite(ROOT / "README.md", summary())
+    print("docs/results/benchmarks.md and the README's summary rebuilt from docs/results/")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ class RoPE(PositionalEncoding):
         if head_dim % 2 != 0:
             raise ValueError(f"RoPE needs an even `head_dim`, got {head_dim}")
         self.base = float(base)
+        self.inv_freq: Tensor
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self) -> Tensor:
@@ -122,8 +123,9 @@ class RoPE(PositionalEncoding):
         ang = positions.float()[:, None] * self.inv_freq.float()[None, :]
         return ang.cos(), ang.sin()
 
-    def apply(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotate ``x (..., N, D)`` at integer ``positions (N,)``."""
+    def rotate_at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x (..., N, D)`` at integer ``positions (N,)``. (Not named ``apply``: ``nn.Module.apply(fn)``
+        recurses into every child by that name.)"""
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"RoPE built for head_dim {self.head_dim}, got input with last dim {x.shape[-1]}")
         cos, sin = self.cos_sin(positions)
@@ -135,7 +137,7 @@ class RoPE(PositionalEncoding):
 
     def rotate(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
         qpos, kpos = _positions(q.shape[-2], k.shape[-2], q.device, torch.float32)
-        return self.apply(q, qpos + offset), self.apply(k, kpos + offset)
+        return self.rotate_at(q, qpos + offset), self.rotate_at(k, kpos + offset)
 
 
 def alibi_slopes(n_head: int) -> Tensor:
@@ -161,6 +163,7 @@ class ALiBi(PositionalEncoding):
 
     def __init__(self, n_head: int, head_dim: int, block_size: int):
         super().__init__(n_head, head_dim, block_size)
+        self.slopes: Tensor
         self.register_buffer("slopes", alibi_slopes(n_head), persistent=False)
 
     def reset_buffers(self) -> None:
@@ -243,6 +246,7 @@ class FIRE(PositionalEncoding):
         self.mlp = nn.Sequential(nn.Linear(1, self.hidden), nn.ReLU(), nn.Linear(self.hidden, n_head))
         self.c = nn.Parameter(torch.tensor(self.c_init))
         self.L_scale = nn.Parameter(torch.tensor(1.0))
+        self.L_init: Tensor
         self.register_buffer("L_init", torch.tensor(float(block_size)))
 
     def reset_parameters(self) -> None:
@@ -270,7 +274,7 @@ class FIRE(PositionalEncoding):
 
     def bias(self, nq: int, nk: int, *, device: torch.device | None = None) -> Tensor:
         x = self.normalized_distance(nq, nk, device=device)
-        w_dtype = self.mlp[0].weight.dtype
+        w_dtype = next(self.mlp.parameters()).dtype
         if torch.is_grad_enabled():
             rows = nq
         else:

@@ -77,3 +77,11 @@ def test_cpu_attention_benchmark_runs(tmp_path: Path) -> None:
     mod = _load("readme_tables")
     # (at this toy size the peaks can round to 0 MiB, so the memory ratio may read n/a; the column must exist)
     assert mod._cell(text, 64, mod.TIME_RATIO).endswith("x") and mod._cell(text, 64, mod.MEMORY_RATIO) is not None
+
+
+def test_readme_and_benchmarks_page_hold_what_the_result_files_say() -> None:
+    """The README's summary and docs/results/benchmarks.md are what readme_tables.py builds from the committed
+    result files (no figure typed in, none stale)."""
+    mod = _load("readme_tables")
+    assert mod.summary() in (ROOT / "README.md").read_text()
+    assert mod.section() in (ROOT / "docs" / "results" / "benchmarks.md").read_text()

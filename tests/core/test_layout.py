@@ -229,3 +229,9 @@ def test_auto_names_no_backend():
     choose = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "choose")
     strings = {n.value for n in ast.walk(choose) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert not names & strings, "backends.choose names a backend"
+
+
+def test_the_docs_list_every_environment_variable():
+    from sasoftmax.env import markdown_table
+
+    assert markdown_table() in (SRC.parents[1] / "docs" / "architecture.md").read_text()

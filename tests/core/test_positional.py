@@ -67,12 +67,12 @@ def test_rope_scores_depend_only_on_relative_position():
     # the same vectors at positions (m, n) and (m + s, n + s) give the same dot product
     dots = []
     for shift in (0, 7, 100):
-        rq = rope.apply(qv[None, None, :], torch.tensor([10.0 + shift]))
-        rk = rope.apply(kv[None, None, :], torch.tensor([3.0 + shift]))
+        rq = rope.rotate_at(qv[None, None, :], torch.tensor([10.0 + shift]))
+        rk = rope.rotate_at(kv[None, None, :], torch.tensor([3.0 + shift]))
         dots.append(float((rq * rk).sum()))
     assert dots[0] == pytest.approx(dots[1], abs=1e-4) and dots[0] == pytest.approx(dots[2], abs=1e-4)
-    rq = rope.apply(qv[None, None, :], torch.tensor([11.0]))
-    rk = rope.apply(kv[None, None, :], torch.tensor([3.0]))
+    rq = rope.rotate_at(qv[None, None, :], torch.tensor([11.0]))
+    rk = rope.rotate_at(kv[None, None, :], torch.tensor([3.0]))
     assert float((rq * rk).sum()) != pytest.approx(dots[0], abs=1e-4)
 
 
@@ -84,7 +84,7 @@ def test_rope_keeps_half_dtype_and_needs_even_dim():
     with pytest.raises(ValueError, match="head_dim"):
         RoPE(2, 7, 16)
     with pytest.raises(ValueError, match="head_dim"):
-        rope.apply(torch.randn(2, 6), torch.arange(2.0))
+        rope.rotate_at(torch.randn(2, 6), torch.arange(2.0))
 
 
 # ---------------------------------------------------------------------------------------------------------- ALiBi
@@ -293,3 +293,4 @@ def test_constructor_validates_sizes():
         KerpleLog(0, 4, 8)
     with pytest.raises(ValueError, match="block_size"):
         FIRE(2, 4, -1)
+

@@ -392,3 +392,15 @@ def test_a_few_steps_learn_a_repeating_sequence(normalizer):
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_module_apply_reaches_every_positional_module():
+    """``nn.Module.apply(fn)`` (weight init) recurses into children by calling their ``apply``; no positional
+    module may shadow it (RoPE once did, with its rotation)."""
+    from sasoftmax.positional import list_positionals
+
+    for name in list_positionals():
+        seen = []
+        model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=8, positional=name))
+        model.apply(lambda m: seen.append(type(m).__name__))
+        assert len(seen) == len(list(model.modules())), name

@@ -1,11 +1,5 @@
-"""SA-Softmax attention: the public entry point and its backends.
-
-* :mod:`.api`: ``sa_attention`` / ``sa_attention_with_weights``;
-* :mod:`.inputs`: validation and the one canonical form of a call (masks, causality, biases, GQA) and its helpers;
-* :mod:`.backends`: the registry and the backends (reference, chunked, cpp, triton);
-* :mod:`.materialized`: the materialized engine (reference backend, peers, diagnostics);
-* :mod:`.op`: the custom ops of the memory-efficient backends; :mod:`.dropout`: the counter-based dropout mask.
-"""
+"""SA-Softmax attention: the public entry points (:mod:`.api`), the one canonical form of a call (:mod:`.inputs`) and
+the backends (:mod:`.backends`). The module map is in ``docs/architecture.md``."""
 
 from .api import available_backends, sa_attention, sa_attention_with_weights
 from .inputs import AttentionInputs, prepare

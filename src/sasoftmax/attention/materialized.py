@@ -122,7 +122,8 @@ def materialized(inp: AttentionInputs, weights: WeightsFn, module: nn.Module | N
 def reference_attention(inp: AttentionInputs) -> tuple[Tensor, Tensor]:
     """SA attention of ``inp``, materialized: ``(output (B, Hq, Nq, Dv) in the input dtype, weights (B, Hq, Nq, Nk)
     in the compute dtype)``, the weights being those applied to ``v`` (after masking and dropout)."""
-    return materialized(inp, sa_weights(inp), return_weights=True)
+    out, w = materialized(inp, sa_weights(inp), return_weights=True)
+    return out, w
 
 
 def materialized_attention(

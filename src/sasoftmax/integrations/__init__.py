@@ -1,11 +1,4 @@
-"""Integrations of SA-Softmax attention into existing model code.
-
-* :mod:`sasoftmax.integrations.hf`: Hugging Face ``transformers`` attention implementations ``"sa_softmax"`` and
-  ``"sa_softmax_plain"`` (optional dependency, ``pip install 'sasoftmax[hf]'``).
-* :mod:`sasoftmax.integrations.nn` (short path :mod:`sasoftmax.nn`; no extra dependency): a drop-in for
-  ``torch.nn.MultiheadAttention`` and ``convert()`` for models built from it.
-
-Nothing is imported here eagerly, so ``import sasoftmax.integrations`` never needs ``transformers``.
-"""
+"""SA-Softmax attention in existing model code: :mod:`.hf` (transformers, optional dependency) and :mod:`.nn`
+(``torch.nn.MultiheadAttention``; also :mod:`sasoftmax.nn`). Nothing is imported eagerly."""
 
 __all__: list[str] = []

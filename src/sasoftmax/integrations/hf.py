@@ -192,12 +192,13 @@ def sa_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, va
     ``module.is_causal`` and Tq > 1). Returns ``(output (B, Tq, Hq, D), weights (B, Hq, Tq, Tk) or None)``; weights
     only when attention outputs are requested."""
     call = prepare_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-    sa = dict(normalize=normalize, detach_range=detach_range, eps=eps)
     if call.with_weights:
         out, weights = sa_attention_with_weights(call.query, call.key, call.value, call.attention_mask,
-                                                 **_options(call), **sa)
+                                                 normalize=normalize, detach_range=detach_range, eps=eps,
+                                                 **_options(call))
         return _hf_layout(out, call), weights
-    out = sa_attention(call.query, call.key, call.value, call.attention_mask, backend=backend, **_options(call), **sa)
+    out = sa_attention(call.query, call.key, call.value, call.attention_mask, normalize=normalize,
+                       detach_range=detach_range, eps=eps, backend=backend, **_options(call))
     return _hf_layout(out, call), None
 
 
@@ -226,6 +227,8 @@ def normalizer_attention_forward(module: torch.nn.Module, query: Tensor, key: Te
     entry = get_normalizer(normalizer)
     call = prepare_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     if call.with_weights:
+        if entry.weights is None:
+            raise ValueError(f"normalizer {normalizer!r} has no materialized `weights`: it cannot return weights")
         out, weights = materialized_attention(entry.weights, call.query, call.key, call.value,
                                               attn_mask=call.attention_mask, return_weights=True, **_options(call))
         return _hf_layout(out, call), weights.to(call.query.dtype)

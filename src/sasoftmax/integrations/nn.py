@@ -20,7 +20,7 @@ Mask conventions (those of ``nn.MultiheadAttention``, the opposite of SDPA's boo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +161,7 @@ class SAMultiheadAttention(nn.MultiheadAttention):
         )
 
     # ------------------------------------------------------------------ forward
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         query: Tensor,
         key: Tensor,
@@ -280,7 +280,8 @@ class SAMultiheadAttention(nn.MultiheadAttention):
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
             if query is key and key is value:  # self-attention: one product, as torch does
-                return F.linear(query, w, b).chunk(3, dim=-1)
+                q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+                return q, k, v
             wq, wk, wv = w[:E], w[E : 2 * E], w[2 * E :]
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
@@ -368,7 +369,8 @@ def convert(model: nn.Module, *, normalize: bool = True, detach_range: bool = Fa
                           normalizer=normalizer)
         elif type(mod) is nn.MultiheadAttention:
             mod.__class__ = SAMultiheadAttention
-            mod._setup_sa(normalize=normalize, detach_range=detach_range, eps=DEFAULT_EPS, backend="auto",
+            cast(SAMultiheadAttention, mod)._setup_sa(normalize=normalize, detach_range=detach_range, eps=DEFAULT_EPS,
+                                                      backend="auto",
                           normalizer=normalizer)
         elif isinstance(mod, nn.MultiheadAttention):
             raise TypeError(

@@ -203,10 +203,14 @@ def _report(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ export, sample
 
 
+def _checkpoint_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ckpt", required=True, help=what)
+    p.add_argument("--step", type=int, help="the checkpoint of this step of the run directory")
+
+
 def _export_parser(sub: Parsers) -> None:
     x = sub.add_parser("export", help="write a Hugging Face model directory (AutoModelForCausalLM, lm-eval) of a run")
-    x.add_argument("--ckpt", required=True, help="run directory (newest loadable checkpoint) or checkpoint file")
-    x.add_argument("--step", type=int, help="the checkpoint of this step of the run directory")
+    _checkpoint_arguments(x, "run directory (newest loadable checkpoint) or checkpoint file")
     x.add_argument("--out", required=True, help="new (or empty) directory to write")
 
 
@@ -221,9 +225,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _sample_parser(sub: Parsers) -> None:
     sm = sub.add_parser("sample", help="text from a run, a checkpoint or an exported model")
-    sm.add_argument("--ckpt", required=True, help="run directory, checkpoint file, or `sasoftmax export` directory")
+    _checkpoint_arguments(sm, "run directory, checkpoint file, or `sasoftmax export` directory")
     sm.add_argument("--prompt", required=True, help="the text to continue")
-    sm.add_argument("--step", type=int, help="the checkpoint of this step of the run directory")
     sm.add_argument("--max-new-tokens", type=int, default=64)
     sm.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     sm.add_argument("--top-k", type=int, help="sample among the k most likely tokens")

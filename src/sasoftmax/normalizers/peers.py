@@ -140,7 +140,7 @@ def sigmoid_weights(s: Tensor, visible: Tensor | None, module: nn.Module | None 
         if b.dim() == 1 and s.dim() == 4 and b.shape[0] == s.shape[1]:
             b = b.view(1, -1, 1, 1)
     else:
-        b = float(override)
+        b = torch.tensor(float(override), dtype=s.dtype, device=s.device)
     w = torch.sigmoid(s + b)
     if visible is None:
         return w

@@ -118,7 +118,9 @@ def list_normalizers() -> list[str]:
 
 def _materialized_fn(name: str, weights: WeightsFn) -> AttentionFn:
     def fn(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-        return materialized_attention(weights, q, k, v, **kwargs)
+        out = materialized_attention(weights, q, k, v, **kwargs)
+        assert isinstance(out, Tensor)  # (no return_weights: the output alone)
+        return out
 
     fn.__name__ = f"{name}_materialized_attention"
     fn.__doc__ = f"Materialized attention over the weights of the {name!r} normalizer (O(N^2) memory)."

@@ -299,9 +299,9 @@ def _forward_tiles(inp: AttentionInputs, tiles: list[Tile], seed: int | None, wi
         sc = _Scores(inp, q, bias, tl)
         rows = (tl.bs, tl.hs, slice(tl.i0, tl.i1))
         w, r, a, b, imin, imax = _forward_rows(sc, norm, want_idx, inp.eps)
-        if keep_stats:
+        if a_all is not None and b_all is not None:
             a_all[rows], b_all[rows] = a, b
-        if want_idx:
+        if i_min is not None and i_max is not None:
             i_min[rows], i_max[rows] = imin, imax
         if seed is not None:
             w.mul_(_dropout_keep(inp, seed, tl, q.device))
@@ -366,10 +366,10 @@ def _backward(a: BwdArgs):
     # dk and dv accumulate transposed, (B, Hkv, D, Nk): the products then read the tile in its natural layout
     dkT = kc.new_zeros(kc.shape[0], kc.shape[1], kc.shape[3], kc.shape[2]) if need_k else None
     dvT = vc.new_zeros(vc.shape[0], vc.shape[1], vc.shape[3], vc.shape[2]) if need_v else None
-    dbias = torch.zeros(bias.shape, dtype=cdt, device=q.device) if need_bias else None
+    dbias = torch.zeros(bias.shape, dtype=cdt, device=q.device) if need_bias and bias is not None else None
     workers = _workers(tiles, inp)
     # a broadcast bias is shared between tiles of different workers: each worker sums into its own buffer
-    dbias_w = [dbias] + [torch.zeros_like(dbias) for _ in range(workers - 1)] if need_bias else None
+    dbias_w = None if dbias is None else [dbias] + [torch.zeros_like(dbias) for _ in range(workers - 1)]
 
     def one(tl: Tile, worker: int) -> None:
         sc = _Scores(inp, q, bias, tl)
@@ -382,35 +382,34 @@ def _backward(a: BwdArgs):
         if seed is not None:
             keep = _dropout_keep(inp, seed, tl, q.device).to(cdt).mul_(1.0 / (1.0 - inp.dropout_p))
             dP.mul_(keep)
-        a = b = None
-        if norm:
-            a, b = a_all[rows], b_all[rows]
-        ds, w, delta0, c = _backward_rows(sc, dP, delta, (a, b) if norm else None, range_grad, need_v, inp.eps)
-        if range_grad:
+        ab = None if a_all is None or b_all is None else (a_all[rows], b_all[rows])
+        ds, w, delta0, c = _backward_rows(sc, dP, delta, ab, range_grad, dvT is not None, inp.eps)
+        if i_min is not None and i_max is not None and ab is not None and c is not None and delta0 is not None:
+            a, b = ab  # the range terms (contract section 2) at the arg-min / arg-max keys
             ds.scatter_add_(-1, i_min[rows], c * (delta - delta0) * (a < 0))
             ds.scatter_add_(-1, i_max[rows], -c * delta * (b > 0))
-        if need_v:
+        if dvT is not None:
             if keep is not None:
                 w.mul_(keep)
             _acc3(dvT, tl).baddbmm_(g3.transpose(1, 2), _mm_in(w, G))
         ds3 = _mm_in(ds, G)
-        if need_q:
+        if dq is not None:
             dq[rows] = _mm_out(torch.bmm(ds3, _kv3(kc, tl)), sc.b, sc.h).mul_(inp.scale)
-        if need_k:
+        if dkT is not None:
             q3 = sc.q3 if sc.q3.dtype == cdt else _mm_in(qc[rows], G)
             _acc3(dkT, tl).baddbmm_(q3.transpose(1, 2), ds3, alpha=inp.scale)
-        if need_bias:
+        if dbias_w is not None:
             _accumulate_bias_grad(dbias_w[worker], ds, tl)
 
     _for_each_tile(one, tiles, inp, workers)
-    if need_bias:
+    if dbias is not None and dbias_w is not None:
         for extra in dbias_w[1:]:
             dbias += extra
     return (
         None if dq is None else dq.to(q.dtype),
         None if dkT is None else dkT.transpose(-1, -2).to(k.dtype, memory_format=torch.contiguous_format),
         None if dvT is None else dvT.transpose(-1, -2).to(v.dtype, memory_format=torch.contiguous_format),
-        None if dbias is None else dbias.to(bias.dtype),
+        None if dbias is None or bias is None else dbias.to(bias.dtype),
     )
 
 

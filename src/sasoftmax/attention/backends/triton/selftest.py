@@ -49,7 +49,11 @@ def enabled(inp: AttentionInputs) -> bool:
 def _needs(inp: AttentionInputs) -> tuple[bool, bool, bool, bool]:
     """Which of q, k, v, bias this call differentiates (none outside grad mode)."""
     grad = torch.is_grad_enabled()
-    return tuple(bool(grad and t is not None and t.requires_grad) for t in (inp.q, inp.k, inp.v, inp.bias))
+
+    def need(t: Tensor | None) -> bool:
+        return bool(grad and t is not None and t.requires_grad)
+
+    return need(inp.q), need(inp.k), need(inp.v), need(inp.bias)
 
 
 def kind_of(inp: AttentionInputs) -> tuple:
@@ -164,9 +168,9 @@ def _run(inp: AttentionInputs) -> str | None:
         e = e.double()
         if not torch.isfinite(f).all():
             return f"non-finite {name} where the chunked backend's is finite"
-        err, err_ref = float((f.double() - e).abs().max()), float((r.double() - e).abs().max())
+        error, error_ref = float((f.double() - e).abs().max()), float((r.double() - e).abs().max())
         floor = rel * max(1.0, float(e.abs().max())) * max(1, inp.groups)  # (dk/dv of a shared head: G terms)
-        if err > 2 * err_ref + floor:
-            return (f"its {name} differs from the chunked backend's (error {err:.3g} against float64, the chunked "
-                    f"backend's {err_ref:.3g})")
+        if error > 2 * error_ref + floor:
+            return (f"its {name} differs from the chunked backend's (error {error:.3g} against float64, the "
+                    f"chunked backend's {error_ref:.3g})")
     return None
