@@ -19,8 +19,8 @@ The last line of the output is a JSON list of records ``{"kernel", "dtype", "D",
 "spill_bytes", "shared_bytes", "dots_per_iter"}``.
 
 ``--sweep KIND`` compiles candidate configurations of one kernel kind ("fwd", "kv", "kv_det", "dq") instead, to
-choose the launcher's table (``GPU_CONFIGS`` in ``backends/triton/__init__.py``). ``--render FILE`` prints a saved report's
-JSON as markdown tables (the form recorded in ``docs/triton.md``).
+choose the launcher's table (``GPU_CONFIGS`` in ``backends/triton/__init__.py``). ``--render FILE`` prints a saved
+report's JSON as markdown tables (the form recorded in ``docs/triton.md``).
 
 Usage: ``python benchmarks/triton_static.py [--dtypes bf16,fp16] [--dims 64,128,256] [--features ...] [--jobs 2]``.
 """

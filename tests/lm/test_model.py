@@ -400,7 +400,7 @@ def test_module_apply_reaches_every_positional_module():
     from sasoftmax.positional import list_positionals
 
     for name in list_positionals():
-        seen = []
+        seen: list[str] = []
         model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=8, positional=name))
-        model.apply(lambda m: seen.append(type(m).__name__))
+        model.apply(lambda m, seen=seen: seen.append(type(m).__name__))
         assert len(seen) == len(list(model.modules())), name

@@ -192,10 +192,10 @@ def load_run(ckpt: str | os.PathLike, step: int | None = None) -> tuple[Path, di
             if not found:
                 raise CheckpointError(f"--step {step}: {path} holds no checkpoint of that step")
             return found[0], load_checkpoint(found[0])
-        found = load_latest(path)
-        if found is None:
+        latest = load_latest(path)
+        if latest is None:
             raise CheckpointError(f"--ckpt {path}: the directory holds no checkpoint (ckpt_*.pt or ckpt_*/)")
-        return found
+        return latest
     if step is not None:
         raise ValueError(f"--step {step} needs a run directory, got the checkpoint file {path}")
     return path, load_checkpoint(path)
@@ -345,10 +345,9 @@ def load_sharded_into(path: str | os.PathLike, model: nn.Module, opt: torch.opti
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, opt_sd = get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": opt_sd}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not distributed)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with _single_process_quiet():  # loads in place into the two state dicts
+        dcp.load({"model": model_sd, "optim": opt_sd}, checkpoint_id=str(path), no_dist=not distributed)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=opt_sd)
 
 
 @contextlib.contextmanager
@@ -364,7 +363,7 @@ def _single_process_quiet():
 
 def rng_state() -> dict[str, Any]:
     """This process's random states (torch, numpy, python, and CUDA when in use), as plain values."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple (its stub is a union)
     state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],

@@ -163,12 +163,13 @@ def _markdown(grid: Grid, demo: dict[str, Any], tables: dict[str, Any], info: di
           "## Gradient of a saturated row (Frobenius norm of d weights / d scores)", "",
           format_table(["dominant score", *demo["rows"]], demo_rows, markdown=True), "",
           f"## Validation perplexity (trained at length {base.model['block_size']})", "",
-          format_table(*tables["ppl"], markdown=True), "", format_table(*tables["final"], markdown=True), ""]
+          format_table(tables["ppl"][0], tables["ppl"][1], markdown=True), "",
+          format_table(tables["final"][0], tables["final"][1], markdown=True), ""]
     if stopped_early:
         md += [f"Note: {stopped_early} (learning-rate schedule of {base.max_steps} steps not finished).", ""]
     if tables["diag"]:
         md += [f"## Gradient diagnostics at step {tables['diag_step']} (mean over layers; see docs/diagnostics.md)",
-               "", format_table(*tables["diag"], markdown=True), ""]
+               "", format_table(tables["diag"][0], tables["diag"][1], markdown=True), ""]
     return "\n".join(md)
 
 

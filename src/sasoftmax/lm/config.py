@@ -177,7 +177,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         import tomllib
     except ImportError:  # Python 3.10
         try:
-            import tomli as tomllib
+            import tomli as tomllib  # type: ignore[no-redef]  # same API
         except ImportError as err:
             raise ConfigError(
                 f"reading {path} needs Python >= 3.11 (tomllib) or the `tomli` package; or use a .json config"

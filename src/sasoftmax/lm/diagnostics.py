@@ -35,12 +35,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..attention.materialized import materialized_attention
+
+if TYPE_CHECKING:
+    from .model import CausalSelfAttention
 
 __all__ = ["probe_attention", "attention_diagnostics", "METRICS", "DEFAULT_SATURATION"]
 
@@ -71,7 +74,7 @@ class _Probe:
             s.retain_grad()
         self.scores, self.visible = s, visible
 
-    def __call__(self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    def __call__(self, module: CausalSelfAttention, q: Tensor, k: Tensor, v: Tensor, kwargs: dict[str, Any]) -> Tensor:
         weights_fn = module.normalizer.weights
         if weights_fn is None:
             raise ValueError(
@@ -84,7 +87,7 @@ class _Probe:
         return out
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def _attention_modules(model: nn.Module) -> list[CausalSelfAttention]:
     from .model import CausalSelfAttention
 
     mods = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]

@@ -62,8 +62,8 @@ class Dist:
         if self.enabled and not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
+            timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
             self.created = True
         return self
 

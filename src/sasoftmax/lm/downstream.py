@@ -23,7 +23,8 @@ from .config import ConfigError, read_config_file
 __all__ = ["run_lm_eval", "read_suite", "format_results", "LM_EVAL_FILE"]
 
 LM_EVAL_FILE = "lm_eval.json"
-_SUITE_KEYS = {"tasks": list, "num_fewshot": int, "batch_size": int, "limit": (int, float)}
+_SUITE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "tasks": list, "num_fewshot": int, "batch_size": int, "limit": (int, float)}
 
 
 def read_suite(path: str | os.PathLike) -> dict[str, Any]:

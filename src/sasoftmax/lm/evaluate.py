@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from ..utils import format_table, write_json_atomic
 from .checkpoint import load_run
 from .config import TrainConfig, resolve_dtype
 from .data import TokenData, eval_windows, load_token_data
+
+if TYPE_CHECKING:
+    from .model import GPT, GPTConfig
 
 __all__ = ["evaluate_checkpoint", "evaluate_model", "diagnose_checkpoint", "gradient_demo", "format_gradient_demo",
            "parse_lengths"]
@@ -38,7 +41,7 @@ def parse_lengths(text: str | Sequence[int] | None) -> list[int] | None:
     """``"128,256"`` or ``[128, 256]`` -> ``[128, 256]``; ``ValueError`` naming ``lengths`` for anything else."""
     if text is None:
         return None
-    items = text.split(",") if isinstance(text, str) else list(text)
+    items: list[Any] = list(text.split(",") if isinstance(text, str) else text)
     out = []
     for item in items:
         try:
@@ -115,8 +118,8 @@ class LoadedRun:
 
     path: Path
     state: dict
-    gcfg: Any  # GPTConfig
-    model: torch.nn.Module
+    gcfg: GPTConfig
+    model: GPT
     data: TokenData
     lengths: list[int]
     device: torch.device

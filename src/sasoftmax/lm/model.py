@@ -16,6 +16,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ class GPTConfig:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise ValueError(f"unknown GPTConfig field(s) {unknown}; fields are {sorted(fields)}")
-        cfg = cls(**{**PRESETS[name], **overrides})
+        cfg = cls(**{**PRESETS[name], **overrides})  # type: ignore[arg-type]  # field names checked above
         cfg.validate()
         return cfg
 
@@ -266,6 +267,10 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.reset_parameters()
 
+    def layers(self) -> list[Block]:
+        """The transformer blocks, in order (``self.blocks`` typed)."""
+        return [cast(Block, block) for block in self.blocks]
+
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02) for embeddings and linear layers, residual projections (``c_proj``) N(0, 0.02 /
         sqrt(2 * n_layer)), zero biases, LayerNorm (1, 0). Positional modules re-initialize themselves; parameters a
@@ -276,7 +281,7 @@ class GPT(nn.Module):
             nn.init.normal_(self.wte.weight, 0.0, std)
             if not self.config.tie_embeddings:
                 nn.init.normal_(self.lm_head.weight, 0.0, std)
-            for block in self.blocks:
+            for block in self.layers():
                 for lin, s in ((block.attn.c_attn, std), (block.attn.c_proj, resid_std),
                                (block.mlp.c_fc, std), (block.mlp.c_proj, resid_std)):
                     nn.init.normal_(lin.weight, 0.0, s)
@@ -311,14 +316,14 @@ class GPT(nn.Module):
             raise ValueError(f"`key_mask` must be bool of shape (B, cached + T) = {want}, got {key_mask.dtype} "
                              f"{tuple(key_mask.shape)}")
         x = self.drop(self.wte(idx))
-        for block in self.blocks:
+        for block in self.layers():
             x = block(x, cache, offset, key_mask)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
         if not isinstance(targets, Tensor) or targets.shape != idx.shape:
-            got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
-            raise ValueError(f"`targets` must have the shape of `idx` {tuple(idx.shape)}, got {got}")
+            found = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(f"`targets` must have the shape of `idx` {tuple(idx.shape)}, got {found}")
         flat = targets.reshape(-1).long()
         loss_sum = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=-100, reduction="sum"
@@ -347,4 +352,4 @@ class GPT(nn.Module):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         fused = bool(params) and all(p.is_cuda for p in params)
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
+        return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), fused=fused)

@@ -555,7 +555,7 @@ def _downstream_section(data: GridData) -> list[str]:
         return []
     rows = []
     for run in runs:
-        rec = run.downstream
+        rec = run.downstream or {}
         for task, metrics in sorted(rec["results"].items()):
             for key, value in sorted(metrics.items()):
                 if "," in key and "_stderr" not in key and isinstance(value, (int, float)):

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -90,18 +90,17 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def _wrap_fsdp(model: nn.Module, mp_dtype: torch.dtype | None) -> None:
+def _wrap_fsdp(model: GPT, mp_dtype: torch.dtype | None) -> None:
     """Shard each transformer block and the root with FSDP2 (mixed precision when ``mp_dtype`` is given)."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError as err:  # torch < 2.6
         raise RuntimeError(f"fsdp=true needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {err}") from err
-    kwargs = {}
-    if mp_dtype is not None:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
-    for block in model.blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    policy = (MixedPrecisionPolicy() if mp_dtype is None
+              else MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32))
+    for block in model.layers():
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 @dataclass
@@ -154,9 +153,10 @@ class Trainer:
         random.seed(cfg.seed + dist.rank)
         np.random.seed((cfg.seed + dist.rank) % 2**32)
         self.autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        self.model: nn.Module = self.raw
+        self.model: Any = self.raw  # the raw GPT, or torch.compile / DDP around it
         self.step = self.tokens = 0
-        self.last_loss, self.val_loss = float("nan"), None
+        self.last_loss: float = float("nan")
+        self.val_loss: float | None = None
         self.checkpoint: Path | None = None
         self.resumed = False
 
@@ -269,7 +269,7 @@ class Trainer:
             if self.dist.enabled and not self.fsdp and not last_micro:
                 sync = self.model.no_sync()
             elif self.fsdp:
-                self.raw.set_requires_gradient_sync(last_micro)
+                cast(Any, self.raw).set_requires_gradient_sync(last_micro)  # added by fully_shard
             with sync:
                 with self.autocast:
                     _, loss = self.model(x, y)

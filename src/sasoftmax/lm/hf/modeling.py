@@ -72,7 +72,9 @@ class SAGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.transformer.wte
 
-    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        if not isinstance(value, torch.nn.Embedding):
+            raise TypeError(f"`value` must be a torch.nn.Embedding, got {type(value).__name__}")
         self.transformer.wte = value
 
     def get_output_embeddings(self) -> torch.nn.Linear:
