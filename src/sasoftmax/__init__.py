@@ -4,9 +4,10 @@
 memory-efficient CPU/GPU path and fused kernels. ``docs/contract.md`` is the contract every backend meets.
 """
 
-from .attention import available_backends, sa_attention, sa_attention_with_weights
+from .attention import available_backends, sa_attention, sa_attention_varlen, sa_attention_with_weights
 from .functional import sa_softmax
 
 __version__ = "0.1.0"
 
-__all__ = ["sa_softmax", "sa_attention", "sa_attention_with_weights", "available_backends", "__version__"]
+__all__ = ["sa_softmax", "sa_attention", "sa_attention_with_weights", "sa_attention_varlen", "available_backends",
+           "__version__"]

@@ -356,7 +356,9 @@ def test_custom_ops_pass_opcheck(backend):
     seed = torch.tensor([123456789], dtype=torch.int64)
     args = FwdArgs(q=q, k=k, v=v, keep=keep, mask_add=None, bias=bias, slopes=torch.tensor([[0.5, 0.2, 0.1, 0.05]]),
                    seed=seed, is_causal=True, scale=0.5, normalize=True, detach_range=False, eps=1e-10, dropout_p=0.2,
-                   block_rows=0, panel_rows=0, need_stats=True)
+                   window_left=-1, window_right=-1, softcap=0.0, block_rows=0, panel_rows=0, need_stats=True)
+    if backend == "chunked":  # (the fused kernel does not take windows and soft-capping yet)
+        args = args._replace(window_left=3, window_right=1, softcap=1.5)
     torch.library.opcheck(getattr(torch.ops.sasoftmax, f"{backend}_fwd").default, tuple(args))
 
 

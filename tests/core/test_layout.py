@@ -15,7 +15,8 @@ ENTRY_POINTS = {"__main__.py"}  # ``python -m sasoftmax`` is the harness's comma
 # Public signatures that mirror an outside convention (SDPA, nn.MultiheadAttention, the normalizer calling convention)
 # or are keyword-option entry points: allowed more than 8 parameters.
 MANY_PARAMETERS = {
-    "attention/api.py:sa_attention", "attention/api.py:sa_attention_with_weights", "attention/inputs.py:prepare",
+    "attention/api.py:sa_attention", "attention/varlen.py:sa_attention_varlen",  # FlashAttention's varlen signature
+    "attention/api.py:sa_attention_with_weights", "attention/inputs.py:prepare",
     "attention/materialized.py:materialized_attention", "integrations/nn.py:__init__",
     "normalizers/builtin.py:softmax_attention", "normalizers/builtin.py:fn", "lm/compare.py:run_comparison",
     "lm/evaluate.py:evaluate_checkpoint", "attention/dropout.py:keep_mask", "lm/downstream.py:run_lm_eval",

@@ -116,8 +116,13 @@ def oracle_scores(
     scale: float | None = None,
     bias: Tensor | None = None,
     alibi_slopes: Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Float64 scores ``(B, Hq, Nq, Nk)`` and the bool visibility of each score (True = the key takes part)."""
+    """Float64 scores ``(B, Hq, Nq, Nk)`` and the bool visibility of each score (True = the key takes part).
+
+    ``window=(left, right)``: key ``j`` visible to query ``i`` iff ``-right <= (Nk - Nq + i) - j <= left`` (-1: that
+    side unbounded). ``softcap=c``: the scaled product becomes ``c tanh(product / c)`` before anything is added."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     shape = (B, Hq, Nq, Nk)
@@ -126,7 +131,15 @@ def oracle_scores(
     head_of = torch.arange(Hq) // (Hq // Hkv)
     k_full = k.double()[:, head_of]
     s = scale * torch.einsum("bhid,bhjd->bhij", q.double(), k_full)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     visible = torch.ones(shape, dtype=torch.bool)
+    if window is not None:
+        behind = (Nk - Nq + torch.arange(Nq)[:, None]) - torch.arange(Nk)[None, :]
+        if window[0] != -1:
+            visible = visible & (behind <= window[0])
+        if window[1] != -1:
+            visible = visible & (behind >= -window[1])
     if attn_mask is not None:
         m = _to4(attn_mask, shape)
         if m.dtype == torch.bool:
@@ -168,6 +181,8 @@ def oracle_attention(
     dropout_keep: Tensor | None = None,
     dropout_p: float = 0.0,
     frozen_range: Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Float64 SA attention: returns ``(out (B, Hq, Nq, Dv), weights (B, Hq, Nq, Nk))``, differentiable with respect
     to every floating input that requires grad (``q``, ``k``, ``v``, ``bias``).
@@ -175,7 +190,8 @@ def oracle_attention(
     ``dropout_keep`` (bool, broadcastable to the weights) applies dropout with rate ``dropout_p``;
     ``frozen_range`` ``(B, Hq, Nq, 2)`` replaces each row's ``(a, b)`` by constants (see :func:`oracle_ranges`)."""
     s, visible = oracle_scores(
-        q, k, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes
+        q, k, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes, window=window,
+        softcap=softcap,
     )
     w = _rows64(s, visible, normalize=normalize, detach_range=detach_range, eps=eps, frozen=frozen_range)
     if dropout_keep is not None:

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from ..functional import DEFAULT_EPS
-from .backends import backend_names, choose, get_backend
-from .inputs import autocast_inputs, prepare, run_without_autocast
+from .backends import Backend, backend_names, choose, get_backend
+from .inputs import AttentionInputs, autocast_inputs, prepare, run_without_autocast
 from .materialized import reference_attention
 
 __all__ = ["sa_attention", "sa_attention_with_weights", "available_backends"]
@@ -33,6 +33,8 @@ def sa_attention(
     dropout_p: float = 0.0,
     eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """SA-Softmax attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
@@ -53,6 +55,10 @@ def sa_attention(
         dropout_p: dropout on the SA weights (pass 0.0 in evaluation, as with SDPA).
         eps: denominator bias of the normalized form.
         generator: random generator for dropout (default: torch's global generator).
+        window: ``(left, right)`` sliding window: query ``i`` (at position ``Nk - Nq + i``) sees keys ``j`` with
+            ``pos - left <= j <= pos + right``; ``-1`` = unbounded on that side. Combines with every mask.
+        softcap: logit soft-capping ``c``: the scaled products become ``c * tanh(scale * q.k / c)`` (before the
+            float mask, ALiBi and ``bias`` are added), as in Gemma 2; the gradient flows through it.
         backend: ``"auto"``, ``"triton"`` (the fused GPU kernel), ``"cpp"`` (the fused CPU kernel), ``"chunked"``
             (memory-efficient) or ``"reference"`` (materialized; the one whose gradient can be differentiated again,
             for double backward). ``"auto"`` takes the first of these, in this order, that serves the device and can
@@ -65,9 +71,21 @@ def sa_attention(
     inp = prepare(
         q, k, v, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes,
         normalize=normalize, detach_range=detach_range, dropout_p=dropout_p, eps=eps, generator=generator,
+        window=window, softcap=softcap,
     )
+    check_backend_name(backend)
+    return run_without_autocast(select(inp, backend).run, ac_dev, inp)
+
+
+def check_backend_name(backend: object) -> None:
+    """``ValueError`` unless ``backend`` is ``"auto"`` or a registered backend's name."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in backend_names()):
         raise ValueError(f"unknown `backend`={backend!r}; expected one of {available_backends()}")
+
+
+def select(inp: AttentionInputs, backend: str) -> Backend:
+    """The backend that runs ``inp``: ``auto``'s choice, or the named one (``RuntimeError`` if it is unavailable,
+    ``ValueError`` if it cannot run this call)."""
     if backend == "auto":
         chosen = choose(inp)
     else:
@@ -78,7 +96,7 @@ def sa_attention(
         reason = chosen.unsupported_reason(inp)
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
-    return run_without_autocast(chosen.run, ac_dev, inp)
+    return chosen
 
 
 def sa_attention_with_weights(
@@ -96,6 +114,8 @@ def sa_attention_with_weights(
     dropout_p: float = 0.0,
     eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Like :func:`sa_attention` with the materialized backend, also returning the weights.
 
@@ -105,6 +125,7 @@ def sa_attention_with_weights(
     inp = prepare(
         q, k, v, attn_mask, is_causal=is_causal, scale=scale, bias=bias, alibi_slopes=alibi_slopes,
         normalize=normalize, detach_range=detach_range, dropout_p=dropout_p, eps=eps, generator=generator,
+        window=window, softcap=softcap,
     )
     out, w = run_without_autocast(reference_attention, ac_dev, inp)
     return out, w.to(q.dtype)

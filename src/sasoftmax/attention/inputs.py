@@ -11,7 +11,11 @@ decided here once (``docs/contract.md`` section 4):
   head ``h // (Hq // Hkv)`` (the ``repeat_interleave`` convention of transformers);
 * ``bias``: additive, broadcastable to ``(B, Hq, Nq, Nk)``, may require grad;
 * ``alibi_slopes``: ``(Hq,)`` or ``(B, Hq)``; adds ``-slope * |Nk - Nq + i - j|`` (FlashAttention's convention)
-  without an N x N tensor. Slopes get no gradient.
+  without an N x N tensor. Slopes get no gradient;
+* ``window=(left, right)``: query ``i`` (at key position ``Nk - Nq + i``, bottom-right aligned as causality) sees keys
+  ``j`` with ``pos - left <= j <= pos + right``; ``-1`` leaves that side unbounded (FlashAttention's ``window_size``);
+* ``softcap=c``: the scaled products become ``c * tanh(scale * q.k / c)`` before the float mask, ALiBi and the bias
+  are added (Gemma 2, FlashAttention's ``softcap``); the gradient flows through the ``tanh``.
 
 Values (NaN/+inf in float masks, non-finite biases or slopes) are checked for CPU tensors. On other devices the
 check would wait for the device (a host synchronization on every call), so it runs only when the environment
@@ -19,7 +23,8 @@ variable ``SASOFTMAX_CHECK_VALUES=1`` is set; ``SASOFTMAX_CHECK_VALUES=0`` turns
 ``torch.compile`` graphs it is skipped (a data-dependent check would break the graph).
 
 This module is also the one home of the helpers that build masks, biases and head layouts from these conventions
-(:func:`causal_block`, :func:`alibi_block`, :func:`repeat_kv`, :func:`tile`), used by every backend.
+(:func:`causal_block`, :func:`window_block`, :func:`alibi_block`, :func:`repeat_kv`, :func:`tile`), used by every
+backend.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class AttentionInputs:
     eps: float
     dropout_p: float
     generator: torch.Generator | None
+    window: tuple[int, int] | None = None  # (left, right), -1 = unbounded on that side; None = no window
+    softcap: float | None = None  # c > 0: scores c * tanh(s / c); None = off
+    seed: Tensor | None = None  # int64 (1,): this call's dropout seed when the caller drew it (else from `generator`)
 
     @property
     def batch(self) -> int:
@@ -90,7 +98,7 @@ class AttentionInputs:
 
     @property
     def has_mask(self) -> bool:
-        return self.keep is not None or self.is_causal
+        return self.keep is not None or self.is_causal or self.window is not None
 
     def visible(
         self, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL, j1: int | None = None
@@ -101,11 +109,15 @@ class AttentionInputs:
         if self.is_causal:
             causal = causal_block(i0, i1, self.nq, self.nk, self.q.device, j1)
             vis = causal if vis is None else vis & causal
+        if self.window is not None:
+            win = window_block(i0, i1, self.nq, self.nk, self.window, self.q.device, j1)
+            vis = win if vis is None else vis & win
         return vis
 
     def may_have_empty_rows(self) -> bool:
-        """False when every query row is guaranteed at least one visible key."""
-        return self.keep is not None or (self.is_causal and self.nq > self.nk)
+        """False when every query row is guaranteed at least one visible key (with ``Nq <= Nk`` a causal or
+        windowed row always sees the key at its own position)."""
+        return self.keep is not None or ((self.is_causal or self.window is not None) and self.nq > self.nk)
 
     def additive(
         self, i0: int, i1: int, dtype: torch.dtype, bs: slice = _ALL, hs: slice = _ALL, j1: int | None = None
@@ -124,8 +136,15 @@ class AttentionInputs:
         return None if self.bias is None else tile(self.bias, i0, i1, bs, hs, j1)
 
     def causal_key_end(self, i1: int) -> int:
-        """With ``is_causal``, rows ``< i1`` see no key at or after this index (at least 1 key is kept)."""
-        return self.nk if not self.is_causal else max(1, min(self.nk, i1 + self.nk - self.nq))
+        """Rows ``< i1`` see no key at or after this index (causality and the window's right side; at least 1 key
+        is kept)."""
+        end = self.nk
+        shift = self.nk - self.nq  # row i sits at key position i + shift
+        if self.is_causal:
+            end = min(end, i1 + shift)
+        if self.window is not None and self.window[1] >= 0:
+            end = min(end, i1 - 1 + shift + self.window[1] + 1)
+        return max(1, end)
 
 
 def tile(t: Tensor, i0: int, i1: int, bs: slice = _ALL, hs: slice = _ALL, j1: int | None = None) -> Tensor:
@@ -148,6 +167,22 @@ def causal_block(i0: int, i1: int, nq: int, nk: int, device: torch.device, j1: i
     qpos = torch.arange(i0, i1, device=device) + (nk - nq)
     kpos = torch.arange(nk if j1 is None else j1, device=device)
     return kpos[None, :] <= qpos[:, None]
+
+
+def window_block(i0: int, i1: int, nq: int, nk: int, window: tuple[int, int], device: torch.device,
+                 j1: int | None = None) -> Tensor:
+    """Sliding-window visibility of query rows ``[i0, i1)`` and keys ``[0, j1)``: bool ``(i1-i0, j1)``, True where
+    ``pos - left <= j <= pos + right`` (``pos = Nk - Nq + i``; a side of ``-1`` is unbounded)."""
+    left, right = window
+    qpos = torch.arange(i0, i1, device=device) + (nk - nq)
+    kpos = torch.arange(nk if j1 is None else j1, device=device)
+    diff = qpos[:, None] - kpos[None, :]  # how far key j lies behind the query
+    vis = torch.ones(diff.shape, dtype=torch.bool, device=device)
+    if left >= 0:
+        vis &= diff <= left
+    if right >= 0:
+        vis &= diff >= -right
+    return vis
 
 
 def causal_visibility(nq: int, nk: int, device: torch.device) -> Tensor:
@@ -225,6 +260,30 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]}) for grouped-query attention"
         )
+
+
+def check_window(window: object) -> tuple[int, int] | None:
+    """``window`` as ``(left, right)`` ints ``>= -1``, or None for no window (None or ``(-1, -1)``)."""
+    if window is None:
+        return None
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"`window` must be None or a pair of ints (left, right), got {window!r}")
+    left, right = int(window[0]), int(window[1])
+    if left < -1 or right < -1:
+        raise ValueError(f"`window` sides must be >= 0, or -1 for unbounded, got {(left, right)}")
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+def check_softcap(softcap: object) -> float | None:
+    """``softcap`` as a float ``> 0``, or None (off)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"`softcap` must be None or a number > 0, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"`softcap` must be a finite number > 0 (None turns soft-capping off), got {softcap}")
+    return float(softcap)
 
 
 def _check_scalars(scale: float | None, head_dim: int, dropout_p: float, eps: float, is_causal: bool,
@@ -365,6 +424,8 @@ def prepare(
     dropout_p: float = 0.0,
     eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
 ) -> AttentionInputs:
     """Check an attention call and return its canonical form. Raises ``TypeError``/``ValueError`` naming the
     offending argument for anything that does not fit the contract."""
@@ -372,6 +433,8 @@ def prepare(
     B, Hq, Nq, D = q.shape
     target = (B, Hq, Nq, k.shape[2])
     scale = _check_scalars(scale, D, dropout_p, eps, is_causal, generator)
+    window = check_window(window)
+    softcap = check_softcap(softcap)
     checks: list[_FiniteCheck] = []
     keep, mask_add = _canonical_mask(attn_mask, q, target, checks)
     bias = _canonical_bias(bias, q, target, checks)
@@ -380,5 +443,5 @@ def prepare(
     return AttentionInputs(
         q=q, k=k, v=v, keep=keep, mask_add=mask_add, bias=bias, alibi_slopes=alibi_slopes,
         is_causal=is_causal, scale=scale, normalize=bool(normalize), detach_range=bool(detach_range),
-        eps=float(eps), dropout_p=float(dropout_p), generator=generator,
+        eps=float(eps), dropout_p=float(dropout_p), generator=generator, window=window, softcap=softcap,
     )

@@ -36,12 +36,15 @@ lengths; with ``return_weights`` or ``on_scores`` it always builds the full tens
 
 
 def scores(inp: AttentionInputs, i0: int = 0, i1: int | None = None, kx: Tensor | None = None) -> Tensor:
-    """Scaled and biased scores of query rows ``[i0, i1)``, ``(B, Hq, i1-i0, Nk)`` in the compute dtype (masked
-    entries not removed). ``kx``: the keys with their heads already repeated to ``Hq`` (computed when None)."""
+    """Scaled (and soft-capped) and biased scores of query rows ``[i0, i1)``, ``(B, Hq, i1-i0, Nk)`` in the compute
+    dtype (masked entries not removed). ``kx``: the keys with their heads already repeated to ``Hq`` (computed when
+    None)."""
     i1 = inp.nq if i1 is None else i1
     cdt = inp.compute_dtype
     kx = repeat_kv(inp.k, inp.heads) if kx is None else kx
     s = torch.matmul(inp.q[:, :, i0:i1], kx.transpose(-1, -2)).to(cdt) * inp.scale
+    if inp.softcap is not None:
+        s = inp.softcap * torch.tanh(s / inp.softcap)
     add = inp.additive(i0, i1, cdt)
     if add is not None:
         s = s + add
@@ -100,7 +103,9 @@ def materialized(inp: AttentionInputs, weights: WeightsFn, module: nn.Module | N
     Memory: the full score and weight tensors when weights are returned or scores observed, or when the call has at
     most :data:`MATERIALIZED_TILE_SCORES` scores; otherwise blocks of query rows of that size, each recomputed in the
     backward (``torch.utils.checkpoint``), so the activation memory stays O(Nq * D) plus one block."""
-    seed = draw_seed(inp.generator) if inp.dropout_p > 0 else None
+    seed = None
+    if inp.dropout_p > 0:
+        seed = int(inp.seed.item()) if inp.seed is not None else draw_seed(inp.generator)
     engine = _Engine(inp, weights, module, seed, repeat_kv(inp.k, inp.heads), repeat_kv(inp.v, inp.heads))
     per_row = max(1, inp.batch * inp.heads * inp.nk)
     if return_weights or on_scores is not None or per_row * inp.nq <= MATERIALIZED_TILE_SCORES:

@@ -45,6 +45,9 @@ class FwdArgs(NamedTuple):
     detach_range: bool
     eps: float
     dropout_p: float
+    window_left: int  # sliding window (-1: unbounded on that side)
+    window_right: int
+    softcap: float  # 0.0: off
     block_rows: int  # query rows per block (0: the backend's default)
     panel_rows: int  # cpp: query rows per kv head from which S, dP use K/V panels (0: default; chunked ignores it)
     need_stats: bool  # keep the per-row statistics for a backward
@@ -72,6 +75,9 @@ class BwdArgs(NamedTuple):
     detach_range: bool
     eps: float
     dropout_p: float
+    window_left: int
+    window_right: int
+    softcap: float
     block_rows: int
     panel_rows: int
     need_dq: bool
@@ -81,7 +87,8 @@ class BwdArgs(NamedTuple):
 
 
 _SAVED = ("q", "k", "v", "out", "stats", "idx", "keep", "mask_add", "bias", "slopes", "seed")
-_SCALARS = ("is_causal", "scale", "normalize", "detach_range", "eps", "dropout_p", "block_rows", "panel_rows")
+_SCALARS = ("is_causal", "scale", "normalize", "detach_range", "eps", "dropout_p", "window_left", "window_right",
+            "softcap", "block_rows", "panel_rows")
 # (this module does not defer annotations: the schema is read off the NamedTuples' annotation objects)
 _SCHEMA_TYPES = {Tensor: "Tensor", Tensor | None: "Tensor?", bool: "bool", float: "float", int: "int"}
 
@@ -102,6 +109,8 @@ def inputs_of(a: FwdArgs | BwdArgs) -> AttentionInputs:
         q=a.q.contiguous(), k=a.k.contiguous(), v=a.v.contiguous(), keep=a.keep, mask_add=a.mask_add, bias=a.bias,
         alibi_slopes=a.slopes, is_causal=a.is_causal, scale=a.scale, normalize=a.normalize,
         detach_range=a.detach_range, eps=a.eps, dropout_p=a.dropout_p, generator=None,
+        window=None if (a.window_left, a.window_right) == (-1, -1) else (a.window_left, a.window_right),
+        softcap=a.softcap if a.softcap > 0 else None,
     )
 
 
@@ -153,11 +162,16 @@ class AttentionOp:
             raise ValueError(f"`block_size` must be a positive number of query rows, got {block_size}")
         need_stats = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (inp.q, inp.k, inp.v, inp.bias))
+        seed = None
+        if inp.dropout_p > 0:
+            seed = inp.seed if inp.seed is not None else seed_tensor(inp.generator)
+        left, right = (-1, -1) if inp.window is None else inp.window
         args = FwdArgs(
             q=inp.q, k=inp.k, v=inp.v, keep=inp.keep, mask_add=inp.mask_add, bias=inp.bias, slopes=inp.alibi_slopes,
-            seed=seed_tensor(inp.generator) if inp.dropout_p > 0 else None, is_causal=inp.is_causal,
-            scale=float(inp.scale), normalize=inp.normalize, detach_range=inp.detach_range, eps=float(inp.eps),
-            dropout_p=float(inp.dropout_p), block_rows=0 if block_size is None else int(block_size),
+            seed=seed, is_causal=inp.is_causal, scale=float(inp.scale), normalize=inp.normalize,
+            detach_range=inp.detach_range, eps=float(inp.eps), dropout_p=float(inp.dropout_p), window_left=left,
+            window_right=right, softcap=0.0 if inp.softcap is None else float(inp.softcap),
+            block_rows=0 if block_size is None else int(block_size),
             panel_rows=0 if panel_rows is None else max(1, int(panel_rows)), need_stats=need_stats)
         if not need_stats and _plain_eager(inp.q):
             # eager inference (e.g. a decoding step): the implementation itself, without the ~50 us round trip

@@ -110,7 +110,7 @@ def _nothing(dtype: torch.dtype, device: torch.device) -> Tensor:
 class _Scores:
     """The scores of one tile, masked entries at -inf, plus what is needed to mask and un-mask them."""
 
-    def __init__(self, inp: AttentionInputs, q: Tensor, bias: Tensor | None, tl: Tile):
+    def __init__(self, inp: AttentionInputs, q: Tensor, bias: Tensor | None, tl: Tile, backward: bool = False):
         cdt = inp.compute_dtype
         qt = q[tl.bs, tl.hs, tl.i0:tl.i1]
         self.b, self.h = qt.shape[0], qt.shape[1]
@@ -120,6 +120,13 @@ class _Scores:
             s = _mm_out(torch.baddbmm(_nothing(cdt, q.device), self.q3, kT, beta=0.0, alpha=inp.scale), self.b, self.h)
         else:  # half inputs: product in the input dtype, row math in float32 (like the reference)
             s = _mm_out(torch.bmm(self.q3, kT), self.b, self.h).to(cdt).mul_(inp.scale)
+        # soft-capping c tanh(s / c) of the products; the backward keeps its derivative 1 - tanh^2 for dq, dk
+        self.cap_grad = None
+        if inp.softcap is not None:
+            t = s.div_(inp.softcap).tanh_()
+            if backward:
+                self.cap_grad = torch.addcmul(torch.ones((), dtype=cdt, device=q.device), t, t, value=-1.0)
+            s = t.mul_(inp.softcap)
         add = inp.additive(tl.i0, tl.i1, cdt, tl.bs, tl.hs, tl.j1)
         if add is not None:
             s.add_(add)
@@ -128,7 +135,7 @@ class _Scores:
         # Masking touches only the columns `cols` of the tile (everything left of them is visible to every row):
         # for a causal-only mask, just the tile's diagonal block.
         self.cols = slice(0, tl.j1)
-        if inp.keep is None and inp.is_causal:
+        if inp.keep is None and inp.is_causal and inp.window is None:
             self.cols = slice(min(max(0, tl.i0 + inp.nk - inp.nq + 1), tl.j1), tl.j1)
             vis = None  # e.g. a decoding step: every key of the tile is visible
             if self.cols.start < tl.j1:
@@ -372,7 +379,7 @@ def _backward(a: BwdArgs):
     dbias_w = None if dbias is None else [dbias] + [torch.zeros_like(dbias) for _ in range(workers - 1)]
 
     def one(tl: Tile, worker: int) -> None:
-        sc = _Scores(inp, q, bias, tl)
+        sc = _Scores(inp, q, bias, tl, backward=True)
         rows = (tl.bs, tl.hs, slice(tl.i0, tl.i1))
         g = g_all[rows]
         g3 = _mm_in(g, G)
@@ -392,14 +399,16 @@ def _backward(a: BwdArgs):
             if keep is not None:
                 w.mul_(keep)
             _acc3(dvT, tl).baddbmm_(g3.transpose(1, 2), _mm_in(w, G))
+        if dbias_w is not None:  # the bias is added after soft-capping: its gradient is ds itself
+            _accumulate_bias_grad(dbias_w[worker], ds, tl)
+        if sc.cap_grad is not None:
+            ds.mul_(sc.cap_grad)
         ds3 = _mm_in(ds, G)
         if dq is not None:
             dq[rows] = _mm_out(torch.bmm(ds3, _kv3(kc, tl)), sc.b, sc.h).mul_(inp.scale)
         if dkT is not None:
             q3 = sc.q3 if sc.q3.dtype == cdt else _mm_in(qc[rows], G)
             _acc3(dkT, tl).baddbmm_(q3.transpose(1, 2), ds3, alpha=inp.scale)
-        if dbias_w is not None:
-            _accumulate_bias_grad(dbias_w[worker], ds, tl)
 
     _for_each_tile(one, tiles, inp, workers)
     if dbias is not None and dbias_w is not None:

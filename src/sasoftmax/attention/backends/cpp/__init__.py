@@ -36,6 +36,8 @@ def unsupported_reason(inp: AttentionInputs) -> str | None:
         return err
     if max(inp.nq, inp.nk, inp.q.shape[-1], inp.v.shape[-1]) > MAX_DIM // 2:
         return "a sequence length or head_dim too large for the kernel's 32-bit BLAS sizes"
+    if inp.window is not None or inp.softcap is not None:
+        return "sliding windows and soft-capping are not in the fused CPU kernel yet"
     return None
 
 

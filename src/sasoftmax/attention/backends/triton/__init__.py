@@ -275,6 +275,8 @@ def unsupported_reason(inp: AttentionInputs) -> str | None:
     smallest = _INTERPRET_BLOCK if INTERPRET else 16
     if -(-max(inp.nq, inp.nk) // smallest) * inp.batch * inp.heads > CUDA_GRID_LIMITS[0]:
         return "too many (batch, head, block) programs for one CUDA grid"
+    if inp.window is not None or inp.softcap is not None:
+        return "sliding windows and soft-capping are not in the Triton kernels yet"
     from . import selftest
 
     return selftest.reason(inp)  # (on CUDA: this kind of call checked once against the chunked backend)
@@ -560,7 +562,8 @@ def _seed_tensor(inp: AttentionInputs) -> Tensor:
     """The dropout seed of :func:`sasoftmax.attention.dropout.seed_tensor` (the same draw as every backend) on the
     input's device, without ``.item()``: no host synchronization (the copy of a CPU-drawn seed is non-blocking: a
     pageable 8-byte source is staged by the host and the copy never waits for the device), and traceable."""
-    return seed_tensor(inp.generator).to(inp.q.device, non_blocking=True)
+    seed = inp.seed if inp.seed is not None else seed_tensor(inp.generator)
+    return seed.to(inp.q.device, non_blocking=True)
 
 
 def triton_attention(inp: AttentionInputs) -> Tensor:
