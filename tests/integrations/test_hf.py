@@ -280,8 +280,13 @@ def test_float_mask_and_unmasked_causal_paths():
     # no mask, more keys than queries: only the first Tq keys count (prefill into an empty static cache)
     o_static, _ = fwd(attn, q[:, :, :3], k, v, None, scaling=0.3)
     torch.testing.assert_close(o_static, fwd(attn, q[:, :, :3], k[:, :, :3], v[:, :, :3], None, scaling=0.3)[0])
-    with pytest.raises(ValueError, match="softcap"):
-        fwd(attn, q, k, v, None, scaling=0.3, softcap=30.0)
+    # Gemma 2's soft-capping: the scaled products c * tanh(s / c) before the mask
+    from sasoftmax import sa_attention
+
+    o_cap, _ = fwd(attn, q, k, v, bool_mask, scaling=0.3, softcap=0.5)
+    want = sa_attention(q, k, v, bool_mask, scale=0.3, softcap=0.5).transpose(1, 2)
+    torch.testing.assert_close(o_cap, want)
+    assert not torch.allclose(o_cap, o_bool, atol=1e-3)
 
 
 def test_register_idempotent_variant_and_missing_transformers(monkeypatch):

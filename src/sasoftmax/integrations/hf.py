@@ -36,7 +36,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..attention import sa_attention, sa_attention_with_weights
+from ..attention import sa_attention, sa_attention_varlen, sa_attention_with_weights
+from ..attention.inputs import MASKED_FLOAT_THRESHOLD
 from ..functional import DEFAULT_EPS
 
 __all__ = [
@@ -133,17 +134,84 @@ class HFCall(NamedTuple):
     bias: Tensor | None  # an additive position bias (T5-style models pass `position_bias`)
     dropout_p: float
     with_weights: bool  # the caller collects attention weights
+    softcap: float | None  # logit soft-capping (Gemma 2's `softcap`)
+    window: tuple[int, int] | None  # `sliding_window` kwarg without a mask: (sliding_window - 1, -1)
+    documents: Documents | None  # padding-free batch: one row of packed documents
+
+
+class Documents(NamedTuple):
+    """The packed documents of a padding-free batch (FlashAttention's varlen arguments)."""
+
+    cu_seqlens_q: Tensor  # int32 (n_docs + 1,)
+    cu_seqlens_k: Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def packed_documents(query: Tensor, key: Tensor, attention_mask: Tensor | None,
+                     kwargs: dict[str, Any]) -> Documents | None:
+    """The documents of a padding-free call, as transformers' flash-attention path finds them: the
+    ``cu_seq_lens_q/k`` and ``max_length_q/k`` kwargs (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``),
+    else, with no attention mask, ``position_ids`` of one row that restart (each restart at the row's smallest
+    position id begins a document). None for an ordinary batch."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if cu_q is None or cu_k is None:
+            raise ValueError("padding-free attention needs both `cu_seq_lens_q` and `cu_seq_lens_k`")
+        lengths_q, lengths_k = cu_q.diff(), cu_k.diff()
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        docs = Documents(cu_q.to(torch.int32), cu_k.to(torch.int32),
+                         int(lengths_q.max()) if max_q is None else int(max_q),
+                         int(lengths_k.max()) if max_k is None else int(max_k))
+    else:
+        pos = kwargs.get("position_ids")
+        if (attention_mask is not None or not isinstance(pos, Tensor) or pos.dim() != 2 or pos.shape[0] != 1
+                or pos.shape[1] < 2 or pos.shape[1] != query.shape[2] or query.shape[2] != key.shape[2]):
+            return None
+        flat = pos.reshape(-1)
+        if bool((flat.diff() == 1).all()):  # one document: an ordinary causal row
+            return None
+        starts = (flat == flat.min()).nonzero().view(-1).to(torch.int32)
+        cu = torch.cat([starts, torch.tensor([flat.numel()], dtype=torch.int32, device=flat.device)])
+        longest = int(cu.diff().max())
+        docs = Documents(cu, cu, longest, longest)
+    if query.shape[0] != 1:
+        raise ValueError(f"padding-free attention (`cu_seq_lens_q/k`) needs a batch of one packed row, got batch "
+                         f"{query.shape[0]}")
+    if attention_mask is not None and not _only_causal_window(attention_mask, kwargs.get("sliding_window")):
+        raise ValueError("padding-free attention (`cu_seq_lens_q/k`) got an attention mask that hides more than "
+                         "causality and the sliding window (padding?); a packed row has no padding: the documents "
+                         "are the mask")
+    return docs
+
+
+def _only_causal_window(mask: Tensor, sliding_window: int | None) -> bool:
+    """Whether ``mask`` (bool True = attend, or additive) is exactly the causal (and sliding-window) mask of its row:
+    such a mask, built by transformers over the whole packed row, agrees with the documents' own causal window
+    inside each document, so the documents say everything it says."""
+    keep = mask if mask.dtype == torch.bool else mask > MASKED_FLOAT_THRESHOLD
+    tq, tk = keep.shape[-2], keep.shape[-1]
+    behind = torch.arange(tq, device=keep.device)[:, None] + (tk - tq) - torch.arange(tk, device=keep.device)
+    want = behind >= 0
+    if sliding_window is not None:
+        want &= behind < int(sliding_window)
+    return bool((keep == want).all())
 
 
 def prepare_call(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                  dropout: float, scaling: float | None, kwargs: dict[str, Any]) -> HFCall:
     """What every attention function of this module does with transformers' arguments: reject unsupported options,
     derive the scale, resolve causality for a ``None`` mask, follow autocast, trim masks built for a longer cache."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("sasoftmax attention functions do not support `softcap` (logit soft-capping); use `eager`")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError("sasoftmax attention functions do not support attention sinks (`s_aux`); use `eager`")
     scale = derive_scaling(module, query) if scaling is None else scaling
+    documents = packed_documents(query, key, attention_mask, kwargs)
+    # A sliding window travels in transformers' mask when there is one (whatever the cache layout); without a mask
+    # (padding-free documents, or a causal row the builder left to us) it is applied here, in positions.
+    sliding = kwargs.get("sliding_window") if attention_mask is None or documents is not None else None
+    window = None if sliding is None else (int(sliding) - 1, -1)
+    if documents is not None:
+        attention_mask = None  # (checked by packed_documents: it says nothing the documents do not)
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -156,7 +224,9 @@ def prepare_call(module: torch.nn.Module, query: Tensor, key: Tensor, value: Ten
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
     tq, tk = query.shape[2], key.shape[2]
     causal = False
-    if attention_mask is None:
+    if documents is not None:
+        causal = bool(is_causal)
+    elif attention_mask is None:
         if is_causal and tq > 1:
             causal = True
             if tk > tq:
@@ -168,12 +238,30 @@ def prepare_call(module: torch.nn.Module, query: Tensor, key: Tensor, value: Ten
                     position_bias = position_bias[..., :tq]
     elif attention_mask.shape[-1] > tk:  # builders may size the mask for a longer (static) cache
         attention_mask = attention_mask[..., :tk]
+    softcap = kwargs.get("softcap")
     return HFCall(query, key, value, attention_mask, causal, float(scale), position_bias, float(dropout),
-                  _weights_requested(kwargs))
+                  _weights_requested(kwargs), None if softcap is None else float(softcap), window, documents)
+
+
+def _peer_options(call: HFCall) -> dict[str, Any]:
+    return dict(is_causal=call.is_causal, scale=call.scale, bias=call.bias, dropout_p=call.dropout_p)
 
 
 def _options(call: HFCall) -> dict[str, Any]:
-    return dict(is_causal=call.is_causal, scale=call.scale, bias=call.bias, dropout_p=call.dropout_p)
+    return dict(_peer_options(call), window=call.window, softcap=call.softcap)
+
+
+def _varlen(call: HFCall, **options: Any) -> Tensor:
+    """A padding-free call through :func:`sasoftmax.sa_attention_varlen`, in transformers' ``(1, T, Hq, Dv)``."""
+    if call.bias is not None:
+        raise ValueError("padding-free attention does not take a `position_bias`")
+    docs = call.documents
+    assert docs is not None
+    q, k, v = (t[0].transpose(0, 1) for t in (call.query, call.key, call.value))  # (T, H, D)
+    out = sa_attention_varlen(q, k, v, docs.cu_seqlens_q, docs.cu_seqlens_k, docs.max_seqlen_q, docs.max_seqlen_k,
+                              is_causal=call.is_causal, scale=call.scale, window=call.window, softcap=call.softcap,
+                              dropout_p=call.dropout_p, **options)
+    return out.to(call.query.dtype)[None]
 
 
 def _hf_layout(out: Tensor, call: HFCall) -> Tensor:
@@ -192,7 +280,12 @@ def sa_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, va
     ``module.is_causal`` and Tq > 1). Returns ``(output (B, Tq, Hq, D), weights (B, Hq, Tq, Tk) or None)``; weights
     only when attention outputs are requested."""
     call = prepare_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    if call.documents is not None and not call.with_weights:
+        out = _varlen(call, normalize=normalize, detach_range=detach_range, eps=eps, backend=backend)
+        return out, None
     if call.with_weights:
+        if call.documents is not None:
+            raise ValueError("attention weights of a padding-free batch are not available; pass a padded batch")
         out, weights = sa_attention_with_weights(call.query, call.key, call.value, call.attention_mask,
                                                  normalize=normalize, detach_range=detach_range, eps=eps,
                                                  **_options(call))
@@ -226,14 +319,20 @@ def normalizer_attention_forward(module: torch.nn.Module, query: Tensor, key: Te
 
     entry = get_normalizer(normalizer)
     call = prepare_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    unsupported = [name for name, value in (("padding-free documents (`cu_seq_lens_q/k`)", call.documents),
+                                            ("`softcap`", call.softcap), ("`sliding_window`", call.window))
+                   if value is not None]
+    if unsupported:
+        raise ValueError(f"normalizer {normalizer!r} attention does not support {', '.join(unsupported)}; the SA "
+                         "names (sa_softmax, sa_softmax_plain) do")
     if call.with_weights:
         if entry.weights is None:
             raise ValueError(f"normalizer {normalizer!r} has no materialized `weights`: it cannot return weights")
         out, weights = materialized_attention(entry.weights, call.query, call.key, call.value,
-                                              attn_mask=call.attention_mask, return_weights=True, **_options(call))
+                                              attn_mask=call.attention_mask, return_weights=True, **_peer_options(call))
         return _hf_layout(out, call), weights.to(call.query.dtype)
     out = entry.fn(call.query, call.key, call.value, attn_mask=call.attention_mask, alibi_slopes=None, module=None,
-                   **_options(call))
+                   **_peer_options(call))
     return _hf_layout(out, call), None
 
 
