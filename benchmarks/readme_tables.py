@@ -13,6 +13,7 @@ in docs/results/benchmarks.md and the summary table in the README.
     python benchmarks/bench_hf_decode.py > docs/results/hf_decode.txt
     python benchmarks/bench_cpu_scores.py --out docs/results/cpu_scores.md
     python benchmarks/bench_cpu_scores.py --dtype bfloat16 --out docs/results/cpu_scores_bf16.md
+    python benchmarks/bench_varlen.py --memory --out docs/results/varlen_cpu.md
     python benchmarks/readme_tables.py
 
 Only text between the ``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers of the two files changes; every
@@ -175,6 +176,12 @@ block, SDPA alongside — `python benchmarks/bench_cpu_scores.py [--dtype bfloat
 {_read("cpu_scores.md")}
 
 {_read("cpu_scores_bf16.md")}
+
+**Packed documents**: `sa_attention_varlen` against separate calls per document, the documents padded to the longest,
+and one call over the packed row with a dense block-diagonal causal mask — `python benchmarks/bench_varlen.py
+--memory`:
+
+{_read("varlen_cpu.md")}
 """
 
 

@@ -85,3 +85,17 @@ def test_readme_and_benchmarks_page_hold_what_the_result_files_say() -> None:
     mod = _load("readme_tables")
     assert mod.summary() in (ROOT / "README.md").read_text()
     assert mod.section() in (ROOT / "docs" / "results" / "benchmarks.md").read_text()
+
+
+def test_varlen_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "varlen.md"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_varlen.py"), "--docs", "3", "--length", "24", "--heads",
+         "2", "--head-dim", "8", "--reps", "1", "--memory", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"varlen", "separate", "padded", "dense"}
+    assert rows["separate"].split(" | ")[2] == "1.00x"
+    assert all(r.split(" | ")[2].endswith("x") for name, r in rows.items() if name != "method"), rows

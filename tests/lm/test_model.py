@@ -404,3 +404,30 @@ def test_module_apply_reaches_every_positional_module():
         model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=8, positional=name))
         model.apply(lambda m, seen=seen: seen.append(type(m).__name__))
         assert len(seen) == len(list(model.modules())), name
+
+
+def test_doc_ids_keep_packed_documents_apart():
+    """With ``doc_ids`` no token attends across a document boundary: changing document A's tokens leaves document
+    B's logits unchanged (and without ``doc_ids`` they change)."""
+    from sasoftmax.lm.data import document_ids
+
+    for normalizer in ("sa_softmax", "softmax"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                              normalizer=normalizer)).eval()
+        eot = 3
+        a = torch.tensor([[5, 6, 7, eot, 8, 9, 10, 11, eot, 12, 13]])
+        b = a.clone()
+        b[0, :3] = torch.tensor([20, 21, 22])  # document 0 only
+        ids = document_ids(a, eot)
+        assert ids.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2]]
+        with torch.no_grad():
+            la, _ = model(a, doc_ids=ids)
+            lb, _ = model(b, doc_ids=document_ids(b, eot))
+            plain_a, _ = model(a)
+            plain_b, _ = model(b)
+        torch.testing.assert_close(la[0, 4:], lb[0, 4:], atol=1e-6, rtol=0)
+        assert not torch.allclose(la[0, :3], lb[0, :3])
+        assert not torch.allclose(plain_a[0, 4:], plain_b[0, 4:], atol=1e-4), normalizer
+        with pytest.raises(ValueError, match="doc_ids"):
+            model(a, doc_ids=ids[:, :5])

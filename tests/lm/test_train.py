@@ -461,3 +461,29 @@ def test_dtype_auto_is_bfloat16_only_with_native_bf16(monkeypatch, native):
     with pytest.raises(ConfigError, match="dtype"):
         load_config(None, ["dtype=half"])
     assert load_config(None, ["dtype=auto"]).dtype == "auto"
+
+
+def test_pack_documents_trains_with_document_ids(corpus, tmp_path, monkeypatch):
+    """data.pack_documents: every training forward gets the documents of its rows (from the BPE end-of-text token),
+    the run trains; the byte tokenizer (no end-of-text token) is refused."""
+    from sasoftmax.lm.model import GPT
+
+    seen: list[torch.Tensor] = []
+    original = GPT.forward
+
+    def recording(self, idx, targets=None, **kw):
+        if self.training:
+            seen.append(kw.get("doc_ids"))
+        return original(self, idx, targets, **kw)
+
+    monkeypatch.setattr(GPT, "forward", recording)
+    over = _overrides(corpus, tmp_path / "packed", tmp_path / "cache", **{"data.tokenizer": "bpe",
+                      "data.vocab_size": 300, "data.doc_chars": 500, "data.pack_documents": "true",
+                      "max_steps": 6, "eval_interval": 6, "ckpt_interval": 6})
+    out = train(load_config(None, over), quiet=True)
+    assert math.isfinite(out["final_loss"])
+    assert len(seen) == 6 and all(d is not None and d.shape == (4, 32) for d in seen)
+    assert any(int(d.max()) > 0 for d in seen), "no row held a document boundary; the test proves nothing"
+    with pytest.raises((ConfigError, ValueError), match="pack_documents"):
+        train(load_config(None, _overrides(corpus, tmp_path / "bytes", tmp_path / "cache",
+                                           **{"data.pack_documents": "true"})), quiet=True)

@@ -70,6 +70,8 @@ class DataConfig:
         max_chars: stop reading the source after this many characters (0 = no limit); applied in source order.
         cache_dir: root of the token caches.
         hf_text_field: column holding the text for ``hf:`` sources.
+        pack_documents: training rows keep their documents apart: a token attends only to its own document
+            (documents end at the BPE tokenizer's end-of-text token; :func:`document_ids`). Evaluation unchanged.
     """
 
     source: str = "stdlib"
@@ -80,6 +82,7 @@ class DataConfig:
     max_chars: int = 0
     cache_dir: str = "data_cache"
     hf_text_field: str = "text"
+    pack_documents: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field when a value is out of range."""
@@ -95,6 +98,11 @@ class DataConfig:
             raise ValueError(f"data.doc_chars must be >= 1, got {self.doc_chars}")
         if self.max_chars < 0:
             raise ValueError(f"data.max_chars must be >= 0 (0 = no limit), got {self.max_chars}")
+        if not isinstance(self.pack_documents, bool):
+            raise ValueError(f"data.pack_documents must be true or false, got {self.pack_documents!r}")
+        if self.pack_documents and self.tokenizer != "bpe":
+            raise ValueError("data.pack_documents needs tokenizer = 'bpe' (its end-of-text token separates the "
+                             "documents; the byte tokenizer has none)")
 
 
 @dataclass(frozen=True)
@@ -355,6 +363,7 @@ def _cache_key(cfg: DataConfig) -> str:
     h = hashlib.sha256()
     settings = dataclasses.asdict(cfg)
     settings.pop("cache_dir")
+    settings.pop("pack_documents")  # (how rows are attended, not what the tokens are)
     if cfg.tokenizer == "bytes":
         settings.pop("vocab_size")
     h.update(json.dumps({"version": CACHE_VERSION, **settings}, sort_keys=True).encode())
@@ -497,6 +506,13 @@ class BatchSampler:
         win = np.stack([np.asarray(self.tokens[o : o + self.seq_len + 1], dtype=np.int64) for o in offs])
         t = torch.from_numpy(win)
         return t[:, :-1], t[:, 1:]
+
+
+def document_ids(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """The document index of each token of rows ``(B, T)`` cut from a stream of EOT-terminated documents: a new
+    document starts after every end-of-text token (which belongs to the document it ends)."""
+    ends = (tokens == eot_id).long()
+    return ends.cumsum(dim=1) - ends
 
 
 def eval_windows(tokens: np.ndarray, length: int, max_windows: int) -> np.ndarray:

@@ -188,7 +188,7 @@ class CausalSelfAttention(nn.Module):
         return self.config.attn_backend
 
     def forward(self, x: Tensor, cache: KVCache | None = None, offset: int = 0,
-                key_mask: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, doc_mask: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         hd = self.head_dim
         q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -199,8 +199,11 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         nk = k.shape[2]
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        if doc_mask is not None:  # (B, 1, T, T): packed documents attend only within themselves
+            attn_mask = doc_mask if attn_mask is None else attn_mask & doc_mask
         kwargs = dict(
-            attn_mask=None if key_mask is None else key_mask[:, None, None, :],
+            attn_mask=attn_mask,
             is_causal=True,
             scale=self.scale,
             bias=self.pos.bias(T, nk, device=x.device),
@@ -240,8 +243,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, offset: int = 0,
-                key_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, offset, key_mask)
+                key_mask: Tensor | None = None, doc_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, offset, key_mask, doc_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -299,12 +302,15 @@ class GPT(nn.Module):
         self.config.attn_backend = backend
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
-                key_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                key_mask: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits ``(B, T, vocab)`` (in the compute dtype) and, with ``targets``, the mean token cross entropy in
         float32 over targets ``!= -100`` (0 if every target is ignored).
 
         ``cache``: a :class:`KVCache`; ``idx`` then continues the cached tokens (it is updated in place).
-        ``key_mask``: bool ``(B, cached + T)``, False at padding tokens, which no query attends to."""
+        ``key_mask``: bool ``(B, cached + T)``, False at padding tokens, which no query attends to.
+        ``doc_ids``: integer ``(B, T)``, the document of each token of packed rows (see
+        :func:`sasoftmax.lm.data.document_ids`); a token attends only to earlier tokens of its own document (a dense
+        ``(B, 1, T, T)`` mask; not with a cache). Positions stay those of the row (RoPE and ALiBi are relative)."""
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"`idx` must be an integer tensor of shape (B, T), got {got}")
@@ -315,9 +321,18 @@ class GPT(nn.Module):
         if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != want):
             raise ValueError(f"`key_mask` must be bool of shape (B, cached + T) = {want}, got {key_mask.dtype} "
                              f"{tuple(key_mask.shape)}")
+        doc_mask = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("`doc_ids` (packed documents) cannot be combined with a KV `cache`")
+            if not isinstance(doc_ids, Tensor) or doc_ids.shape != idx.shape or doc_ids.is_floating_point():
+                found = tuple(doc_ids.shape) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
+                raise ValueError(f"`doc_ids` must be an integer tensor of the shape of `idx` {tuple(idx.shape)}, "
+                                 f"got {found}")
+            doc_mask = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
         x = self.drop(self.wte(idx))
         for block in self.layers():
-            x = block(x, cache, offset, key_mask)
+            x = block(x, cache, offset, key_mask, doc_mask)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None

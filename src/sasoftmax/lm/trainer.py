@@ -47,7 +47,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, TrainConfig, build_model_config, resolve_dtype
-from .data import BatchSampler, TokenData, load_token_data
+from .data import BatchSampler, BPETokenizer, TokenData, document_ids, load_token_data
 from .distributed import Dist, select_device
 from .metrics import MetricsWriter
 from .model import GPT
@@ -139,6 +139,13 @@ class Trainer:
         self.gcfg = build_model_config(cfg.model, data.vocab_size)
         self.seq_len = self.gcfg.block_size
         self.sampler = self._sampler()
+        # packed documents: the end-of-text id that separates them (None: rows attend across documents)
+        self.eot_id: int | None = None
+        if cfg.data.pack_documents:
+            tok = data.tokenizer()
+            if not isinstance(tok, BPETokenizer):
+                raise ConfigError("data.pack_documents needs the BPE tokenizer (its end-of-text token ends documents)")
+            self.eot_id = int(tok.eot_id)
         if len(data.val) < self.seq_len + 1:
             raise ConfigError(f"model.block_size={self.seq_len} exceeds the validation split ({len(data.val)} tokens)")
         torch.manual_seed(cfg.seed)  # identical init on every rank
@@ -270,9 +277,10 @@ class Trainer:
                 sync = self.model.no_sync()
             elif self.fsdp:
                 cast(Any, self.raw).set_requires_gradient_sync(last_micro)  # added by fully_shard
+            doc_ids = None if self.eot_id is None else document_ids(x, self.eot_id)
             with sync:
                 with self.autocast:
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, doc_ids=doc_ids)
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         self.scaler.unscale_(self.opt)
