@@ -19,6 +19,10 @@ WINDOW_RUNNERS = [
     pytest.param(("chunked", None), id="chunked"),
     pytest.param(("chunked", 1), id="chunked-b1"),
     pytest.param(("chunked", 3), id="chunked-b3"),
+    pytest.param(("cpp", None), id="cpp"),
+    pytest.param(("cpp", 1), id="cpp-b1"),
+    pytest.param(("cpp", 3), id="cpp-b3"),
+    pytest.param(("cpp", "panels"), id="cpp-panels"),
 ]
 
 CASES = {
@@ -61,6 +65,8 @@ def _case(name: str, dtype: torch.dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_matches_oracle(runner, case, normalize, detach_range, dtype):
     backend, block = runner
+    if block == "panels" and dtype != torch.float32:
+        pytest.skip("the kernel's panel products are float32 only")
     leaves, args, kw = _case(case, dtype)
     q, k, v = leaves[:3]
     kw = dict(kw, normalize=normalize, detach_range=detach_range)
@@ -126,15 +132,37 @@ def test_dropout_with_window_matches_oracle_with_its_mask(normalize, detach_rang
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["cpp", "triton"])
-def test_fused_backends_say_they_do_not_run_windows_yet(name):
-    """Until the fused kernels take windows and soft-capping they say so, and auto runs the call elsewhere."""
+def test_triton_says_it_does_not_run_windows_yet():
+    """Until the Triton kernels take windows and soft-capping they say so, and auto runs the call elsewhere."""
     q, k, v = qkv(1, 2, 2, 6, 6, 4, 4, torch.float32, seed=9)
     for kw in (dict(window=(2, 0)), dict(softcap=1.0)):
         inp = prepare(q, k, v, **kw)
-        reason = get_backend(name).unsupported_reason(inp)
-        assert reason is not None
-        assert choose(inp).name not in ("cpp", "triton")
+        assert get_backend("triton").unsupported_reason(inp) is not None
+        assert choose(inp).name != "triton"
+
+
+@pytest.mark.parametrize("panels", [False, True], ids=["blas", "panels"])
+@pytest.mark.parametrize("normalize,detach_range", VARIANTS)
+def test_cpp_skips_keys_left_of_a_long_window(panels, normalize, detach_range):
+    """Rows far enough along a causal sliding window start their key range past whole key blocks (256 keys): the
+    kernel skips them, and every value and gradient still matches the float64 oracle (with soft-capping, ALiBi, a
+    bias and dropout, so the skipped range is exercised by every term)."""
+    from sasoftmax.attention.backends import cpp
+
+    n = 700
+    q, k, v = qkv(1, 2, 1, n, n, 8, 8, torch.float32, seed=10)
+    bias = (0.1 * torch.randn(1, 2, n, n, generator=torch.Generator().manual_seed(3))).requires_grad_(True)
+    kw = dict(is_causal=True, window=(150, -1), softcap=3.0, alibi_slopes=torch.tensor([0.01, 0.002]), bias=bias,
+              normalize=normalize, detach_range=detach_range)
+    keep = dropout_keep_of(q, k, v, seed=12, dropout_p=0.2, **kw)
+    inp = prepare(q, k, v, dropout_p=0.2, generator=torch.Generator().manual_seed(12), **kw)
+    out = cpp.run(inp, block_size=32, panel_rows=1 if panels else 2**62)
+    ref, _ = oracle_attention(q, k, v, dropout_keep=keep, dropout_p=0.2, **kw)
+    torch.testing.assert_close(out.double(), ref, atol=3e-5, rtol=3e-4)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    leaves = [q, k, v, bias]
+    for name, a, b in zip(["q", "k", "v", "bias"], grads_of(out, leaves, g), grads_of(ref, leaves, g), strict=True):
+        torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=5e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("window,err", [

@@ -36,8 +36,6 @@ def unsupported_reason(inp: AttentionInputs) -> str | None:
         return err
     if max(inp.nq, inp.nk, inp.q.shape[-1], inp.v.shape[-1]) > MAX_DIM // 2:
         return "a sequence length or head_dim too large for the kernel's 32-bit BLAS sizes"
-    if inp.window is not None or inp.softcap is not None:
-        return "sliding windows and soft-capping are not in the fused CPU kernel yet"
     return None
 
 
@@ -69,7 +67,8 @@ def _kernel_args(a: FwdArgs | BwdArgs) -> tuple:
     madd, bias, slopes = compute_operands(a.q, a.mask_add, a.bias, a.slopes)
     seed = 0 if a.seed is None else int(a.seed.item())
     return (a.keep, madd, bias, slopes, a.is_causal, a.scale, a.normalize, a.detach_range, a.eps, a.dropout_p,
-            seed, block_rows(a.k.shape[2], a.block_rows or None), a.panel_rows or default_panel_rows())
+            a.window_left, a.window_right, a.softcap, seed, block_rows(a.k.shape[2], a.block_rows or None),
+            a.panel_rows or default_panel_rows())
 
 
 def _forward(a: FwdArgs) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,7 +1,7 @@
 // Row math of the SA attention CPU kernel: one query row of scores at a time, vectorized with ATen's Vectorized<T>.
 //
 // Conventions (docs/contract.md): a row holds the scores s_j = scale * q.k_j (+ ALiBi, float-mask value, bias) of
-// keys j in [0, n); a masked key (bool mask, or past the row's causal end) holds -inf. The row math leaves exact
+// keys j in [0, n); a masked key (bool mask, outside the row's causal end or sliding window) holds -inf. The row math leaves exact
 // zeros at masked keys, so the matrix products that follow may run over all n keys.
 // Built with -ffp-contract=off (build.py): a product written twice must round the same way twice (the plain
 // form's backward cancels u dPk against Delta), so the compiler may not fuse a multiply and an add on its own.
@@ -46,17 +46,26 @@ struct Problem {
   const T* slopes = nullptr;
   int64_t slope_sb = 0;  // slopes[b * slope_sb + h]
   int64_t rows = 32;     // query rows per block
+  int64_t win_left = -1, win_right = -1;  // sliding window (-1: unbounded on that side)
+  T softcap = 0;                          // > 0: scores c tanh(s / c)
 
+  // first key the window leaves visible to row i (at position i + Nk - Nq), in [0, Nk]
+  int64_t row_start(int64_t i) const {
+    if (win_left < 0) return 0;
+    return std::min<int64_t>(Nk, std::max<int64_t>(0, i + Nk - Nq - win_left));
+  }
+  // one past the last key causality and the window leave visible to row i, in [0, Nk]
+  int64_t row_stop(int64_t i) const {
+    const int64_t pos = i + Nk - Nq;
+    int64_t e = Nk;
+    if (causal) e = std::min<int64_t>(e, pos + 1);
+    if (win_right >= 0) e = std::min<int64_t>(e, pos + win_right + 1);
+    return std::max<int64_t>(0, e);
+  }
   // keys [0, key_end) can be visible to query rows < i1 (at least 1, as in the chunked backend)
-  int64_t key_end(int64_t i1) const {
-    if (!causal) return Nk;
-    return std::max<int64_t>(1, std::min<int64_t>(Nk, i1 + Nk - Nq));
-  }
-  // number of leading keys of row i that the causal mask leaves visible, clipped to [0, n]
-  int64_t row_len(int64_t i, int64_t n) const {
-    if (!causal) return n;
-    return std::max<int64_t>(0, std::min<int64_t>(n, i + Nk - Nq + 1));
-  }
+  int64_t key_end(int64_t i1) const { return std::max<int64_t>(1, row_stop(i1 - 1)); }
+  // keys before key_start are invisible to every row >= i0 (rounded down to a multiple of `align`)
+  int64_t key_start(int64_t i0, int64_t align) const { return row_start(i0) / align * align; }
 };
 
 template <class T>
@@ -82,30 +91,59 @@ inline void add_operand(const View4& op, int64_t b, int64_t h, int64_t i, int64_
   }
 }
 
-// Prepares keys [j0, j0 + n) of row (b, h, i), raw scores s[0, n) (scale * q.k): adds ALiBi, the float-mask values
-// and the bias, and puts -inf at the keys the bool mask hides and at the keys after the row's causal end. Returns
-// whether -inf entries can be present (then the row math takes its masked path; a causal row is processed over all
-// n keys with -inf padding, so it gives bit for bit what the equivalent explicit mask gives).
+// Prepares keys [j0, j0 + n) of row (b, h, i), raw scores s[0, n) (scale * q.k): soft-caps them, adds ALiBi, the
+// float-mask values and the bias, and puts -inf at the keys the bool mask hides and at the keys outside the row's
+// causal end and sliding window. Returns whether -inf entries can be present (then the row math takes its masked
+// path; a causal row is processed over all n keys with -inf padding, so it gives bit for bit what the equivalent
+// explicit mask gives). `cap_grad` (soft-capping only): receives 1 - tanh^2, the derivative of the cap (0 outside).
 template <class T>
-inline bool prepare_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, T* s, int64_t j0, int64_t n) {
-  const int64_t len = std::max<int64_t>(0, P.row_len(i, j0 + n) - j0);
+inline bool prepare_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, T* s, int64_t j0, int64_t n,
+                        T* cap_grad = nullptr) {
+  const int64_t lo = std::min<int64_t>(n, std::max<int64_t>(0, P.row_start(i) - j0));
+  const int64_t hi = std::min<int64_t>(n, std::max<int64_t>(lo, P.row_stop(i) - j0));
   const T ninf = -std::numeric_limits<T>::infinity();
+  if (P.softcap > T(0)) {
+    const T c = P.softcap, inv = T(1) / P.softcap;
+    constexpr int64_t W = Vec<T>::size();
+    const Vec<T> vc(c), vinv(inv), one(T(1));
+    // Vectors start at absolute key indices that are multiples of W, so that the forward (one range per row) and the
+    // backward (key blocks of kKeyBlock) compute every score's tanh the same way, vector or scalar, bit for bit.
+    // (std::tanh one score at a time made a capped call ~2.7x slower.)
+    auto scalar = [&](int64_t j) {
+      const T t = std::tanh(s[j] * inv);
+      s[j] = c * t;
+      if (cap_grad != nullptr) cap_grad[j] = T(1) - t * t;
+    };
+    int64_t j = lo;
+    for (; j < hi && (j0 + j) % W != 0; ++j) scalar(j);
+    for (; j + W <= hi; j += W) {
+      const Vec<T> t = (Vec<T>::loadu(s + j) * vinv).tanh();
+      (vc * t).store(s + j);
+      if (cap_grad != nullptr) (one - t * t).store(cap_grad + j);
+    }
+    for (; j < hi; ++j) scalar(j);
+    if (cap_grad != nullptr) {
+      for (int64_t j = 0; j < lo; ++j) cap_grad[j] = T(0);
+      for (int64_t j = hi; j < n; ++j) cap_grad[j] = T(0);
+    }
+  }
   if (P.slopes != nullptr) {
     const T slope = P.slopes[b * P.slope_sb + h];
     const T qpos = T(i + P.Nk - P.Nq);
-    for (int64_t j = 0; j < len; ++j) s[j] -= slope * std::abs(qpos - T(j0 + j));
+    for (int64_t j = lo; j < hi; ++j) s[j] -= slope * std::abs(qpos - T(j0 + j));
   }
-  add_operand<T>(P.madd, b, h, i, j0, s, len);
-  add_operand<T>(P.bias, b, h, i, j0, s, len);
-  for (int64_t j = len; j < n; ++j) s[j] = ninf;
-  if (!P.keep.present()) return len < n;
+  add_operand<T>(P.madd, b, h, i, j0 + lo, s + lo, hi - lo);
+  add_operand<T>(P.bias, b, h, i, j0 + lo, s + lo, hi - lo);
+  for (int64_t j = 0; j < lo; ++j) s[j] = ninf;
+  for (int64_t j = hi; j < n; ++j) s[j] = ninf;
+  if (!P.keep.present()) return lo > 0 || hi < n;
   const bool* k = P.keep.template row<bool>(b, h, i);
   if (P.keep.sj == 0) {
     if (!k[0])
-      for (int64_t j = 0; j < len; ++j) s[j] = ninf;
+      for (int64_t j = lo; j < hi; ++j) s[j] = ninf;
   } else {
     k += j0 * P.keep.sj;
-    for (int64_t j = 0; j < len; ++j) s[j] = k[j * P.keep.sj] ? s[j] : ninf;
+    for (int64_t j = lo; j < hi; ++j) s[j] = k[j * P.keep.sj] ? s[j] : ninf;
   }
   return true;
 }

@@ -136,8 +136,8 @@ RowsOut rows_out(const at::Tensor& t, at::ScalarType ct) {
 
 struct Options {
   bool causal = false, normalize = true, detach_range = false;
-  double scale = 1, eps = 1e-10, dropout_p = 0;
-  int64_t seed = 0, rows = 32;
+  double scale = 1, eps = 1e-10, dropout_p = 0, softcap = 0;
+  int64_t seed = 0, rows = 32, win_left = -1, win_right = -1;
 };
 
 template <class T>
@@ -171,6 +171,9 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
     P.slope_sb = slopes->size(0) == 1 ? 0 : P.Hq;
   }
   P.rows = std::max<int64_t>(1, std::min<int64_t>(o.rows, std::max<int64_t>(P.Nq, 1)));
+  P.win_left = o.win_left;
+  P.win_right = o.win_right;
+  P.softcap = T(o.softcap);
   return P;
 }
 
@@ -207,7 +210,8 @@ void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const
   const int64_t grain = grain_for(R * P.Nk * (P.D + P.Dv));
   // rows nothing is added to or hidden from: the score product can gather their max and min (panels only)
   const bool fold = key_panels != nullptr && !P.causal && P.slopes == nullptr && !P.madd.present() &&
-                    !P.bias.present() && !P.keep.present();
+                    !P.bias.present() && !P.keep.present() && P.win_left < 0 && P.win_right < 0 &&
+                    P.softcap == T(0);
   at::parallel_for(0, ntasks, grain, [&](int64_t t0, int64_t t1) {
     auto S = buffer<T>(R * P.Nk);
     auto range = buffer<float>(fold ? R * kPanel : 0);
@@ -218,21 +222,23 @@ void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const
       const int64_t bh = t / nblk, blk = zigzag(t % nblk, nblk, P.causal);
       const int64_t b = bh / P.Hq, h = bh % P.Hq, hk = h / P.G;
       const int64_t i0 = blk * R, i1 = std::min(P.Nq, i0 + R), nr = i1 - i0;
-      const int64_t n = P.key_end(i1);
+      // keys [j0, j0 + n) of the block: past its causal/window end and before its window start nothing is visible
+      // (j0 on a key-block boundary, so the backward forms the same scores from the same panels)
+      const int64_t j0 = P.key_start(i0, kKeyBlock), n = P.key_end(i1) - j0;
       T* Ob = out.template target<T>(bh * P.Nq + i0, Obuf.get());
       if constexpr (std::is_same_v<T, float>) {
         if (key_panels != nullptr) {
-          const float* kp = key_panels + (b * P.Hkv + hk) * panel_count(P.Nk) * P.D * kPanel;
+          const float* kp = key_panels + ((b * P.Hkv + hk) * panel_count(P.Nk) + j0 / kPanel) * P.D * kPanel;
           scores_from_panels(nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, kp, S.get(), n, fold ? range.get() : nullptr);
         }
       }
       if (key_panels == nullptr)
-        gemm<T>(false, true, nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, k.at(b, hk, 0), k.sn, T(0), S.get(), n);
+        gemm<T>(false, true, nr, n, P.D, P.scale, q.at(b, h, i0), q.sn, k.at(b, hk, j0), k.sn, T(0), S.get(), n);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
         T* s = S.get() + r * n;
-        const bool masked = prepare_row<T>(P, b, h, i, s, 0, n);
-        if (P.dropout) dropout_row<T>(P, b, h, i, T(1), keep01.get(), 0, n);
+        const bool masked = prepare_row<T>(P, b, h, i, s, j0, n);
+        if (P.dropout) dropout_row<T>(P, b, h, i, T(1), keep01.get(), j0, n);
         T mm[2];
         if constexpr (std::is_same_v<T, float>) {
           if (fold) range_of(range.get() + r * kPanel, mm[0], mm[1]);
@@ -249,11 +255,11 @@ void forward_kernel(const Problem<T>& P, const Mat<T>& q, const Mat<T>& k, const
         }
         if (want_idx) {
           int64_t* ip = idx + (bh * P.Nq + i) * 2;
-          ip[0] = st.imin;
-          ip[1] = st.imax;
+          ip[0] = j0 + st.imin;
+          ip[1] = j0 + st.imax;
         }
       }
-      gemm<T>(false, false, nr, P.Dv, n, T(1), S.get(), n, v.at(b, hk, 0), v.sn, T(0), Ob, P.Dv);
+      gemm<T>(false, false, nr, P.Dv, n, T(1), S.get(), n, v.at(b, hk, j0), v.sn, T(0), Ob, P.Dv);
       for (int64_t r = 0; r < nr; ++r) {
         T* o = Ob + r * P.Dv;
         const T f = factor[r];
@@ -333,7 +339,7 @@ struct BackwardArgs {
 
 template <class T>
 struct BackwardBuffers {
-  std::unique_ptr<T[]> S, dP, W, keep, dQ, dK, dV, delta0;
+  std::unique_ptr<T[]> S, dP, W, keep, dQ, dK, dV, delta0, cap;
   std::unique_ptr<RowGrad<T>[]> rows;
 };
 
@@ -384,7 +390,7 @@ void block_deltas(const BackwardArgs<T>& A, BackwardBuffers<T>& buf, int64_t b, 
     for (int64_t r = 0; r < nr; ++r) buf.rows[r].delta = dot<T>(A.g.at(b, h, i0 + r), A.o.at(b, h, i0 + r), P.Dv);
     return;
   }
-  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+  for (int64_t j0 = P.key_start(i0, kKeyBlock); j0 < n; j0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, n - j0);
     score_products<T>(A, buf, b, h, i0, nr, j0, nk);
     for (int64_t r = 0; r < nr; ++r) {
@@ -413,8 +419,13 @@ void range_terms(const BackwardArgs<T>& A, const BackwardBuffers<T>& buf, int64_
     const T* qi = A.q.at(b, h, i0 + r);
     for (int t = 0; t < 2; ++t) {
       if (terms[t] == T(0)) continue;
-      const T x = terms[t], sx = P.scale * x;
+      const T x = terms[t];
       const T* kj = A.k.at(b, hk, ip[t]);
+      T sx = P.scale * x;
+      if (P.softcap > T(0)) {  // through the cap at that key: 1 - tanh^2 of its scaled product
+        const T tc = std::tanh(P.scale * dot<T>(qi, kj, P.D) / P.softcap);
+        sx *= T(1) - tc * tc;
+      }
       if (dQb != nullptr)
         for (int64_t d = 0; d < P.D; ++d) dQb[r * P.D + d] += sx * kj[d];
       if (dKb != nullptr)
@@ -439,22 +450,27 @@ void backward_block(const BackwardArgs<T>& A, BackwardBuffers<T>& buf, int64_t b
   block_deltas<T>(A, buf, b, h, i0, nr, n);
   std::fill(buf.delta0.get(), buf.delta0.get() + nr, T(0));
   T* dQb = A.out.dq == nullptr ? nullptr : A.out.dq->template target<T>(bh * P.Nq + i0, buf.dQ.get());
-  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+  const int64_t start = P.key_start(i0, kKeyBlock);
+  for (int64_t j0 = start; j0 < n; j0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, n - j0);
     score_products<T>(A, buf, b, h, i0, nr, j0, nk);
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t i = i0 + r;
       T* s = S + r * nk;
-      const bool masked = prepare_row<T>(P, b, h, i, s, j0, nk);
+      T* cap = P.softcap > T(0) ? buf.cap.get() + r * nk : nullptr;
+      const bool masked = prepare_row<T>(P, b, h, i, s, j0, nk, cap);
       if (P.dropout) dropout_row<T>(P, b, h, i, P.keep_scale, buf.keep.get(), j0, nk);
       buf.delta0[r] += backward_row<T>(P, buf.rows[r], s, buf.dP.get() + r * nk, P.dropout ? buf.keep.get() : nullptr,
                                        W + r * nk, nk, masked);
-      if (A.out.dbias) A.db.add(b, h, i, j0, s, nk);
+      if (A.out.dbias) A.db.add(b, h, i, j0, s, nk);  // (the bias is added after the cap)
+      if (cap != nullptr)
+        for (int64_t j = 0; j < nk; ++j) s[j] *= cap[j];
     }
     if (dVb != nullptr)
       gemm<T>(true, false, nk, P.Dv, nr, T(1), W, nk, A.g.at(b, h, i0), A.g.sn, T(1), dVb + j0 * P.Dv, P.Dv);
     if (dQb != nullptr)
-      gemm<T>(false, false, nr, P.D, nk, P.scale, S, nk, A.k.at(b, hk, j0), A.k.sn, j0 == 0 ? T(0) : T(1), dQb, P.D);
+      gemm<T>(false, false, nr, P.D, nk, P.scale, S, nk, A.k.at(b, hk, j0), A.k.sn, j0 == start ? T(0) : T(1), dQb,
+              P.D);
     if (dKb != nullptr)
       gemm<T>(true, false, nk, P.D, nr, P.scale, S, nk, A.q.at(b, h, i0), A.q.sn, T(1), dKb + j0 * P.D, P.D);
   }
@@ -477,6 +493,7 @@ void backward_kernel(const BackwardArgs<T>& A, int64_t chunks) {
     buf.dK = buffer<T>(A.out.dk.needs_scratch() ? P.Nk * P.D : 0);
     buf.dV = buffer<T>(A.out.dv.needs_scratch() ? P.Nk * P.Dv : 0);
     buf.delta0 = buffer<T>(R);
+    buf.cap = buffer<T>(P.softcap > T(0) ? R * KB : 0);
     buf.rows = std::unique_ptr<RowGrad<T>[]>(new RowGrad<T>[R]);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bk = t / chunks, chunk = t % chunks;
@@ -508,8 +525,11 @@ void check_operand(const OptTensor& t, at::ScalarType ct, const char* name) {
 }
 
 Options options(bool causal, double scale, bool normalize, bool detach_range, double eps, double dropout_p,
-                int64_t seed, int64_t rows) {
+                int64_t win_left, int64_t win_right, double softcap, int64_t seed, int64_t rows) {
   Options o;
+  o.win_left = win_left;
+  o.win_right = win_right;
+  o.softcap = softcap;
   o.causal = causal;
   o.scale = scale;
   o.normalize = normalize;
@@ -537,7 +557,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& keep,
                                 const OptTensor& madd, const OptTensor& bias, const OptTensor& slopes, bool causal,
                                 double scale, bool normalize, bool detach_range, double eps, double dropout_p,
-                                int64_t seed, int64_t rows, int64_t panel_rows, bool need_stats) {
+                                int64_t win_left, int64_t win_right, double softcap, int64_t seed, int64_t rows,
+                                int64_t panel_rows, bool need_stats) {
   pybind11::gil_scoped_release no_gil;
   const auto ct = compute_type(q);
   check_inputs(q, k, v, keep, madd, bias, slopes, ct);
@@ -554,7 +575,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const bool want_idx = need_stats && normalize && !detach_range;
   at::Tensor stats = need_stats ? at::empty({B, Hq, Nq, kStats}, copt) : at::empty({0}, copt);
   at::Tensor idx = want_idx ? at::empty({B, Hq, Nq, 2}, copt.dtype(at::kLong)) : at::empty({0}, copt.dtype(at::kLong));
-  const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, seed, rows);
+  const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, win_left, win_right, softcap, seed,
+                            rows);
   AT_DISPATCH_FLOATING_TYPES(ct, "sa_cpu_forward", [&] {
     const auto P = make_problem<scalar_t>(qc, kc, vc, keep, madd, bias, slopes, o);
     forward_kernel<scalar_t>(P, mat<scalar_t>(qc), panels ? Mat<scalar_t>{} : mat<scalar_t>(kc), mat<scalar_t>(vc),
@@ -606,8 +628,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& stats, const at::Tensor& idx,
                                  const OptTensor& keep, const OptTensor& madd, const OptTensor& bias,
                                  const OptTensor& slopes, bool causal, double scale, bool normalize,
-                                 bool detach_range, double eps, double dropout_p, int64_t seed, int64_t rows,
-                                 int64_t panel_rows, bool need_dq, bool need_dk, bool need_dv, bool need_dbias) {
+                                 bool detach_range, double eps, double dropout_p, int64_t win_left,
+                                 int64_t win_right, double softcap, int64_t seed, int64_t rows, int64_t panel_rows,
+                                 bool need_dq, bool need_dk, bool need_dv, bool need_dbias) {
   pybind11::gil_scoped_release no_gil;
   const auto ct = compute_type(q);
   check_inputs(q, k, v, keep, madd, bias, slopes, ct);
@@ -629,7 +652,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   const std::vector<at::Tensor> kvp = panels ? pack_panels({k, v}) : std::vector<at::Tensor>{};
   const at::Tensor sc = stats.contiguous(), ic = range_grad ? idx.contiguous() : idx;
   const int64_t B = q.size(0), Hkv = k.size(1);
-  const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, seed, rows);
+  const Options o = options(causal, scale, normalize, detach_range, eps, dropout_p, win_left, win_right, softcap, seed,
+                            rows);
   const int64_t nthreads = at::get_num_threads();
   const int64_t nblk = (q.size(2) + std::max<int64_t>(rows, 1) - 1) / std::max<int64_t>(rows, 1);
   // fewer (batch, kv-head) tasks than threads: split the query blocks into chunks with their own dk/dv sums
