@@ -109,3 +109,18 @@ def test_import_does_not_load_dynamo():
     code = "import sys, sasoftmax, sasoftmax.nn; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_first_call_inside_compile_in_a_fresh_process():
+    """``torch.compile`` cannot trace an import: the backend modules must be loaded before the first traced call
+    (the registry preloads them), or a user's first compiled forward breaks its graph."""
+    import subprocess
+    import sys
+
+    code = ("import torch, sasoftmax\n"
+            "q = torch.randn(1, 2, 8, 16)\n"
+            "f = torch.compile(lambda q: sasoftmax.sa_attention(q, q, q, is_causal=True), fullgraph=True)\n"
+            "print(float((f(q) - sasoftmax.sa_attention(q, q, q, is_causal=True)).abs().max()))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.strip()) == 0.0

@@ -10,7 +10,9 @@ A backend is a module with three functions:
 :data:`REGISTRY` lists them in ``backend="auto"``'s order of preference; ``auto`` takes the first one that serves the
 call's device (:attr:`Backend.devices`), is available and can run the call, logging why it passed over the others
 (one warning per process when a backend meant for the device is unavailable). Adding a backend is one module and one
-:func:`register_backend` line. Modules are imported on first use, so ``import sasoftmax`` does not import triton.
+:func:`register_backend` line. The modules of the backends that serve this machine's devices are imported with
+the registry (:func:`preload`), because ``torch.compile`` cannot trace an import: a compiled first call must find
+them loaded. On a machine without CUDA ``import sasoftmax`` therefore still does not import triton.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from ..inputs import AttentionInputs
 
-__all__ = ["Backend", "REGISTRY", "register_backend", "get_backend", "backend_names", "choose"]
+__all__ = ["Backend", "REGISTRY", "register_backend", "get_backend", "backend_names", "choose", "preload"]
 
 log = logging.getLogger("sasoftmax.attention")
 
@@ -44,6 +46,10 @@ class Backend:
     def module(self) -> ModuleType:
         module = _MODULES.get(self.module_name)
         if module is None:  # (first use; a dict lookup afterwards, which torch.compile traces)
+            if torch.compiler.is_compiling():
+                raise RuntimeError(f"sasoftmax: the {self.name!r} backend was first needed inside torch.compile, "
+                                   "which cannot import it; call sasoftmax.attention.backends.preload() (or run "
+                                   "the model once) before compiling")
             module = _MODULES[self.module_name] = importlib.import_module(self.module_name)
         return module
 
@@ -79,6 +85,16 @@ register_backend(Backend("triton", f"{__name__}.triton", ("cuda",), "the fused G
 register_backend(Backend("cpp", f"{__name__}.cpp", ("cpu",), "the fused CPU attention kernel"))
 register_backend(Backend("chunked", f"{__name__}.chunked", None, "the memory-efficient chunked backend"))
 register_backend(Backend("reference", f"{__name__}.reference", None, "the materialized reference backend"))
+
+
+def preload(device_types: tuple[str, ...] | None = None) -> None:
+    """Import the modules of the registered backends that serve ``device_types`` (default: ``"cpu"``, plus
+    ``"cuda"`` when CUDA is available), so that a first call inside ``torch.compile`` finds them loaded."""
+    if device_types is None:
+        device_types = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    for backend in REGISTRY:
+        if backend.devices is None or any(d in backend.devices for d in device_types):
+            backend.module  # noqa: B018 - imported for its side effect
 
 
 def get_backend(name: str) -> Backend:
@@ -119,3 +135,6 @@ def choose(inp: AttentionInputs) -> Backend:
             return backend
         skipped.append((backend, reason, err is not None))
     raise RuntimeError(f"no sasoftmax backend can run this call on {device}")  # pragma: no cover - chunked runs all
+
+
+preload()
