@@ -16,6 +16,9 @@ stamp=".venv/.sasoftmax-setup-$which"
 digest=$(cat requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   .venv/bin/python -m pip install --quiet -r "$req"
+  if [ -f "requirements/${which}-nodeps.txt" ]; then
+    .venv/bin/python -m pip install --quiet --no-deps -r "requirements/${which}-nodeps.txt"
+  fi
   .venv/bin/python -m pip install --quiet --no-deps -e .
   echo "$digest" > "$stamp"
 fi
