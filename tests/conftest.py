@@ -16,6 +16,8 @@ import os
 OPTIONAL = {
     "triton": ["core/test_triton.py", "gpu/test_triton_gpu.py"],
     "transformers": ["integrations/test_hf.py", "lm/test_export.py"],
+    "torchtitan": ["integrations/test_torchtitan.py"],
+    "vllm": ["serve/test_vllm.py"],  # vLLM lives in .venv-serve: scripts/test.sh runs tests/serve there
 }
 _MISSING = {pkg: files for pkg, files in OPTIONAL.items() if importlib.util.find_spec(pkg) is None}
 collect_ignore = [path for files in _MISSING.values() for path in files]

@@ -5,19 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-pytest.importorskip("torchtitan", reason="torchtitan is not installed")
-
-from torchtitan.models.common.attention import (  # noqa: E402
+from torchtitan.models.common.attention import (
     FlexAttention,
     ScaledDotProductAttention,
     VarlenAttention,
     VarlenMetadata,
 )
-from torchtitan.models.llama3 import model_registry  # noqa: E402
+from torchtitan.models.llama3 import model_registry
 
-from sasoftmax import sdpa_override  # noqa: E402
-from sasoftmax.integrations.torchtitan import SAConverter, SAVarlenAttention  # noqa: E402
+from sasoftmax import sdpa_override
+from sasoftmax.integrations.torchtitan import SAConverter, SAVarlenAttention
 
 VOCAB = 2048
 

