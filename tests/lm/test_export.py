@@ -30,11 +30,12 @@ POSITIONALS = ["nope", "rope", "alibi", "kerple_log", "kerple_power", "fire"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run_dir(tmp: Path, normalizer: str = "sa_softmax", positional: str = "rope", seed: int = 0, step: int = 7) -> Path:
+def _run_dir(tmp: Path, normalizer: str = "sa_softmax", positional: str = "rope", seed: int = 0, step: int = 7,
+             **model: object) -> Path:
     """A run directory with a checkpoint of a tiny byte-level GPT (random weights) and its tokenizer."""
     torch.manual_seed(seed)
     gcfg = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                     normalizer=normalizer, positional=positional)
+                     normalizer=normalizer, positional=positional, **model)  # type: ignore[arg-type]
     model = GPT(gcfg)
     with torch.no_grad():  # make the learnable positional / normalizer parameters differ from their init
         for name, p in model.named_parameters():
@@ -87,6 +88,18 @@ def test_export_round_trip(tmp_path, normalizer, positional):
     torch.manual_seed(3)
     sampled = theirs.generate(idx, max_new_tokens=6, do_sample=True, temperature=0.9, top_k=20, top_p=1.0)
     assert torch.equal(sampled, generate(ours, idx, 6, temperature=0.9, top_k=20, seed=3))
+
+
+def test_export_round_trip_with_qk_norm(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = _run_dir(tmp_path, "sa_softmax", "alibi", qk_norm=True, qk_norm_type="rmsnorm")
+    out = export_checkpoint(run, tmp_path / "export")
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert theirs.config.qk_norm is True and theirs.config.qk_norm_type == "rmsnorm"
+    idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, _project_model(run)(idx)[0], rtol=1e-5, atol=1e-5)
 
 
 def _cache_of(output) -> object:

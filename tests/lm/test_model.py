@@ -233,6 +233,8 @@ def test_model_copies_config():
         (dict(dropout=-0.1), "dropout"),
         (dict(n_embd=12, n_head=4, positional="rope"), "rope"),
         (dict(bias="yes"), "bias"),
+        (dict(qk_norm=1), "qk_norm"),
+        (dict(qk_norm=True, qk_norm_type="batchnorm"), "qk_norm_type"),
     ],
 )
 def test_bad_config_raises_naming_field(overrides, field):
@@ -431,3 +433,41 @@ def test_doc_ids_keep_packed_documents_apart():
         assert not torch.allclose(plain_a[0, 4:], plain_b[0, 4:], atol=1e-4), normalizer
         with pytest.raises(ValueError, match="doc_ids"):
             model(a, doc_ids=ids[:, :5])
+
+
+@pytest.mark.parametrize("qk_norm_type", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("normalizer", [*NORMALIZERS, "softpick", "ssmax"])
+def test_qk_norm_for_every_normalizer(normalizer, qk_norm_type):
+    """q and k are normalized per head: scaling the q and k projections changes nothing (it does without
+    qk_norm), every norm gain gets a gradient, and decoding through the KV cache equals the full forward."""
+    torch.manual_seed(0)
+    model = GPT(tiny(normalizer=normalizer, qk_norm=True, qk_norm_type=qk_norm_type, positional="rope")).eval()
+    with torch.no_grad():  # q and k of unit scale, so that the norms' eps (1e-5 for LayerNorm) is negligible
+        for block in model.layers():
+            block.attn.c_attn.weight[: 2 * 32].mul_(30.0)
+    idx = tokens(2, 12)
+    ref = model(idx)[0]
+    plain = GPT(tiny(normalizer=normalizer, positional="rope")).eval()
+    missing = plain.load_state_dict(model.state_dict(), strict=False)
+    assert missing.unexpected_keys and all("_norm" in k for k in missing.unexpected_keys)
+    plain_ref = plain(idx)[0]
+    with torch.no_grad():
+        for m in (model, plain):
+            for block in m.layers():
+                block.attn.c_attn.weight[: 2 * 32].mul_(3.0)  # the q rows and the k rows (n_kv_head = n_head)
+    torch.testing.assert_close(model(idx)[0], ref, rtol=1e-4, atol=1e-4)
+    assert (plain(idx)[0] - plain_ref).abs().max() > 1e-2
+    model.train()
+    loss = model(idx, targets=idx)[1]
+    loss.backward()
+    gains = [p for n, p in model.named_parameters() if "q_norm" in n or "k_norm" in n]
+    assert gains and all(p.grad is not None and p.grad.abs().sum() > 0 for p in gains)
+    model.eval()
+    with torch.no_grad():
+        full = model(idx)[0]
+        from sasoftmax.lm.model import KVCache
+
+        cache = KVCache()
+        first = model(idx[:, :7], cache=cache)[0]
+        rest = model(idx[:, 7:], cache=cache)[0]
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)

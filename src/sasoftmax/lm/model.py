@@ -53,6 +53,8 @@ class GPTConfig:
     positional: str = "rope"  # sasoftmax.positional registry name
     attn_backend: str = "auto"  # sa_attention backend for SA normalizers
     tie_embeddings: bool = True
+    qk_norm: bool = False  # normalize q and k per head before the scores (Wortsman et al. 2023's qk-layernorm)
+    qk_norm_type: str = "layernorm"  # or "rmsnorm"
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> GPTConfig:
@@ -96,9 +98,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        for name in ("bias", "tie_embeddings"):
+        for name in ("bias", "tie_embeddings", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.qk_norm_type not in QK_NORMS:
+            raise ValueError(f"GPTConfig.qk_norm_type must be one of {sorted(QK_NORMS)}, got {self.qk_norm_type!r}")
         if self.normalizer not in list_normalizers():
             raise ValueError(f"GPTConfig.normalizer {self.normalizer!r} is unknown; known: {list_normalizers()}")
         if self.positional not in list_positionals():
@@ -155,6 +159,17 @@ class KVCache:
         return self.keys[layer], self.values[layer]
 
 
+QK_NORMS = ("layernorm", "rmsnorm")
+"""``GPTConfig.qk_norm_type`` values: the module applied over the head dimension of q and of k (one gain per channel,
+shared by the heads; a bias too for LayerNorm when ``GPTConfig.bias``)."""
+
+
+def _qk_norm(config: GPTConfig) -> nn.LayerNorm | nn.RMSNorm:
+    if config.qk_norm_type == "layernorm":
+        return nn.LayerNorm(config.head_dim, bias=config.bias)
+    return nn.RMSNorm(config.head_dim)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention through a normalizer registry entry.
 
@@ -176,6 +191,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # qk-norm: before the positional rotation and the cache, so cached keys are normalized keys
+        self.q_norm: nn.LayerNorm | nn.RMSNorm | None = _qk_norm(config) if config.qk_norm else None
+        self.k_norm: nn.LayerNorm | nn.RMSNorm | None = _qk_norm(config) if config.qk_norm else None
         self.pos = get_positional(config.positional).build(self.n_head, self.head_dim, config.block_size)
         self.normalizer: Normalizer = get_normalizer(config.normalizer)
         if self.normalizer.init_params is not None:
@@ -195,6 +213,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.pos.rotate(q, k, offset)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -290,8 +310,9 @@ class GPT(nn.Module):
                     nn.init.normal_(lin.weight, 0.0, s)
                     if lin.bias is not None:
                         nn.init.zeros_(lin.bias)
-                for ln in (block.ln_1, block.ln_2):
-                    ln.reset_parameters()
+                for ln in (block.ln_1, block.ln_2, block.attn.q_norm, block.attn.k_norm):
+                    if ln is not None:
+                        ln.reset_parameters()
                 block.attn.pos.reset_parameters()
             self.ln_f.reset_parameters()
 

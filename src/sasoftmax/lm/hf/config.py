@@ -16,7 +16,7 @@ __all__ = ["MODEL_TYPE", "SAGPTConfig", "register_config"]
 
 MODEL_TYPE = "sasoftmax_gpt"
 _GPT_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "dropout", "bias",
-               "normalizer", "positional", "attn_backend", "tie_embeddings")
+               "normalizer", "positional", "attn_backend", "tie_embeddings", "qk_norm", "qk_norm_type")
 
 
 class SAGPTConfig(PreTrainedConfig):
@@ -28,12 +28,12 @@ class SAGPTConfig(PreTrainedConfig):
     def __init__(self, vocab_size: int = 50304, block_size: int = 512, n_layer: int = 12, n_head: int = 12,
                  n_kv_head: int | None = None, n_embd: int = 768, dropout: float = 0.0, bias: bool = False,
                  normalizer: str = "softmax", positional: str = "rope", attn_backend: str = "auto",
-                 tie_embeddings: bool = True, sasoftmax_imports: list[str] | None = None, use_cache: bool = True,
-                 **kwargs: Any) -> None:
+                 tie_embeddings: bool = True, qk_norm: bool = False, qk_norm_type: str = "layernorm",
+                 sasoftmax_imports: list[str] | None = None, use_cache: bool = True, **kwargs: Any) -> None:
         self.vocab_size, self.block_size, self.n_layer, self.n_head = vocab_size, block_size, n_layer, n_head
         self.n_kv_head, self.n_embd, self.dropout, self.bias = n_kv_head, n_embd, dropout, bias
         self.normalizer, self.positional, self.attn_backend = normalizer, positional, attn_backend
-        self.tie_embeddings = tie_embeddings
+        self.tie_embeddings, self.qk_norm, self.qk_norm_type = tie_embeddings, qk_norm, qk_norm_type
         self.sasoftmax_imports = list(sasoftmax_imports or [])
         self.use_cache = use_cache
         # transformers' generic names for the same things
