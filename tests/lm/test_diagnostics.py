@@ -69,6 +69,8 @@ def test_row_stats_definitions() -> None:
     assert st["score_entropy"] == pytest.approx((math.log(4) + h1 + 0.0) / 3)
     assert st["score_range"] == pytest.approx((0.0 + 21.0 + 0.0) / 3)
     assert st["weight_sum"] == pytest.approx(1.0)
+    s[0, 0, 2, 3] = 50.0  # a masked entry does not count
+    assert _row_stats(s, g, vis, w, 0.99)["max_logit"] == pytest.approx(20.0)
 
 
 def test_sa_keeps_gradient_where_softmax_saturates() -> None:

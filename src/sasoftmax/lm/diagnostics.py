@@ -22,6 +22,9 @@ Metrics (per layer; "rows" are the query rows of every batch element and head th
   first row of a causal mask) are trivially "saturated" and are left out of this metric and the next.
 * ``score_entropy``: mean entropy (nats) of ``softmax(s)`` per row.
 * ``score_range``: mean of ``max s - min s`` over the visible keys of each row.
+* ``max_logit``: the largest visible score of the layer over the whole batch (Wortsman et al. 2023's "max attention
+  logit": its growth at high learning rates is the instability qk-layernorm prevents). The global
+  ``diag/max_logit`` is the mean over layers of these maxima, as for every metric.
 * ``max_weight``: mean over rows of ``max_j |w_j|`` (the method's weights, before dropout; no dropout is used here).
 * ``weight_sum``: mean over rows of ``sum_j w_j`` (1 for softmax; at most 1 for normalized SA).
 * ``qkv_grad_norm``: Frobenius norm of the gradient of the layer's q/k/v projection weight.
@@ -54,6 +57,7 @@ METRICS = (
     "saturated_frac",
     "score_entropy",
     "score_range",
+    "max_logit",
     "max_weight",
     "weight_sum",
     "qkv_grad_norm",
@@ -143,6 +147,7 @@ def _row_stats(s: Tensor, g: Tensor | None, visible: Tensor | None, w: Tensor, s
         "saturated_frac": float(saturated.sum()) / max(1, int(multi.sum())),
         "score_entropy": mean(entropy, rows),
         "score_range": mean(smax - smin, rows),
+        "max_logit": float(smax[rows].max()),
         "max_weight": mean(w.abs().amax(dim=-1), rows),
         "weight_sum": mean(w.sum(dim=-1), rows),
     }
