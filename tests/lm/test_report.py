@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -81,6 +82,12 @@ def test_report_tables_plots_and_diagnostics(tmp_path):
     ratios = [9.5 / 11.0, 12.5 / 15.0, 21.0 / 32.0]
     assert "| alibi | sa_softmax | " + " | ".join(f"{r:.3f}" for r in ratios) + " |" in text
     assert "| rope | sa_softmax | 0." not in text
+    # paired by seed: mean difference with a Student-t 95 % interval (t = 12.706 for one degree of freedom)
+    cells = []
+    for diffs in ([-1.0, -2.0], [-2.0, -3.0], [-10.0, -12.0]):
+        m, half = statistics.fmean(diffs), 12.706 * statistics.stdev(diffs) / math.sqrt(2)
+        cells.append(f"{m:.3f} [{m - half:.3f}, {m + half:.3f}] (2/2 lower)")
+    assert "| alibi | sa_softmax | " + " | ".join(cells) + " |" in text
 
     # environment, config, missing runs
     assert "Generated " in text and "test-machine" in text and "configs/grid_test.toml" in text

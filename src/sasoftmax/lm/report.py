@@ -417,7 +417,7 @@ def _ppl_section(data: GridData, out: Path, figures: list[Path]) -> list[str]:
         lengths = sorted({length for runs in group.values() for r in runs for length in r.ppl})
         cols = [f"{n} ({n / train_length:g}x)" for n in lengths]
         lead = ["positional", *(["variant"] if has_variant else []), "normalizer"]
-        rows, ratios = [], []
+        rows, ratios, paired = [], [], []
         for (_, pos, variant, norm), runs in group.items():
             label = [pos, *([variant or "-"] if has_variant else []), norm]
             rows.append([*label, str(len(runs)),
@@ -425,12 +425,17 @@ def _ppl_section(data: GridData, out: Path, figures: list[Path]) -> list[str]:
             base = group.get((train_length, pos, variant, "softmax"))
             if norm != "softmax" and base:
                 ratios.append([*label, *(_ratio(runs, base, n) for n in lengths)])
+                paired.append([*label, *(_paired(runs, base, n) for n in lengths)])
         lines += [f"### Trained at length {train_length}", "",
                   "Perplexity, mean ± sample standard deviation over the runs (seeds) of each cell:", "",
                   format_table([*lead, "runs", *cols], rows, markdown=True), ""]
         if ratios:
             lines += ["Ratio of each normalizer's mean perplexity to softmax's in the same cell (< 1: lower "
-                      "perplexity than softmax):", "", format_table([*lead, *cols], ratios, markdown=True), ""]
+                      "perplexity than softmax):", "", format_table([*lead, *cols], ratios, markdown=True), "",
+                      "Paired by seed: mean of (normalizer - softmax) perplexity over the seeds both ran, with a 95 % "
+                      "confidence interval (Student t over the pairs; an interval that excludes 0 is a difference "
+                      "these seeds resolve) and the number of pairs in which the normalizer was lower:", "",
+                      format_table([*lead, *cols], paired, markdown=True), ""]
         else:
             lines += ["No ratios to softmax: no cell at this training length has both softmax and another "
                       "normalizer.", ""]
@@ -444,6 +449,30 @@ def _ratio(runs: Sequence[RunData], base: Sequence[RunData], length: int) -> str
     if not a or not b:
         return "-"
     return format_number(statistics.fmean(a) / statistics.fmean(b))
+
+
+# Two-sided 95 % Student t quantiles by degrees of freedom; beyond the table the next lower entry (conservative).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def _t975(df: int) -> float:
+    return _T975[max(d for d in _T975 if d <= df)]
+
+
+def _paired(runs: Sequence[RunData], base: Sequence[RunData], length: int) -> str:
+    """``mean [low, high] (k/n lower)`` of the per-seed differences ``runs - base`` at ``length``."""
+    by_seed = {str(r.seed): r.ppl[length] for r in base if length in r.ppl}
+    diffs = [r.ppl[length] - by_seed[str(r.seed)] for r in runs if length in r.ppl and str(r.seed) in by_seed]
+    if not diffs:
+        return "-"
+    mean = statistics.fmean(diffs)
+    lower = sum(d < 0 for d in diffs)
+    if len(diffs) < 2:
+        return f"{format_number(mean)} ({lower}/1 lower)"
+    half = _t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    interval = f"[{format_number(mean - half)}, {format_number(mean + half)}]"
+    return f"{format_number(mean)} {interval} ({lower}/{len(diffs)} lower)"
 
 
 def _ppl_figures(group: dict, train_length: int, out: Path, figures: list[Path], style: _Style) -> list[str]:
