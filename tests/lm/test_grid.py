@@ -184,7 +184,7 @@ def test_tiny_grid_end_to_end_then_skip_and_resume(tmp_path, capsys):
         assert res["train_config"]["model"]["normalizer"] == norm and res["train_length"] == 16
         assert res["summary"]["steps"] == 4 and res["eval"]["normalizer"] == norm
         assert [r["length"] for r in res["eval"]["results"]] == [16, 32]
-        assert {"finished", "eval_spec", "platform"} <= set(res)
+        assert {"finished", "eval_spec", "platform", "processor"} <= set(res)
         rows = [json.loads(ln) for ln in (out / "runs" / run_id / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4], "resume continued the same run"
     grid_json = json.loads((out / "grid.json").read_text())

@@ -97,7 +97,7 @@ def _run_from_result(res: dict[str, Any], run_dir: Path) -> RunData:
         summary=res.get("summary", {}),
         ppl={int(r["length"]): float(r["ppl"]) for r in evaluation.get("results", [])},
         metrics=read_metrics(run_dir / "metrics.jsonl"),
-        platform=str(res.get("platform", "")),
+        platform=", ".join(str(res[k]) for k in ("platform", "processor") if res.get(k)),
         downstream=read_json(run_dir / LM_EVAL_FILE),
     )
 

@@ -15,7 +15,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from ...utils import format_table, read_json, utc_now, write_json_atomic
+from ...utils import cpu_name, format_table, read_json, utc_now, vector_isa, write_json_atomic
 from .spec import EvalSpec, Grid, GridRun
 
 __all__ = ["SCHEMA_VERSION", "NON_SEMANTIC_KEYS", "run_state", "collect_results", "write_grid_json",
@@ -159,6 +159,7 @@ def result_record(run: GridRun, spec: EvalSpec, summary: dict[str, Any], evaluat
         "eval": evaluation,
         "grid_file": source,
         "platform": platform.platform(),
+        "processor": f"{cpu_name()} ({vector_isa()})",
         "torch": torch.__version__,
         "finished": utc_now(),
     }
