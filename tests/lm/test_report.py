@@ -173,3 +173,63 @@ def test_report_includes_lm_eval_results_when_a_run_has_them(tmp_path):
     assert f"| {run_id} | 20 | piqa | acc_norm | 0.600 | - |" in text
     no_eval = Path(write_report(_grid(tmp_path / "other", diag=False), tmp_path / "rep2")["report"]).read_text()
     assert "Downstream tasks" not in no_eval
+
+
+def _write_lr_run(grid: Path, norm: str, lr: float, seed: int, val_loss: float | None, init: float = 8.0) -> None:
+    """A run of a learning-rate sweep: finished with ``val_loss``, or diverged (``None``: error.json as the grid
+    writes it for a FloatingPointError)."""
+    axes = {"seed": seed, "lr": lr, "model.qk_norm": False, "model.normalizer": norm}
+    run_id = f"seed={seed}__lr={lr}__qk_norm=false__normalizer={norm}"
+    run_dir = grid / "runs" / run_id
+    rows = [{"step": 1, "loss": init + 0.01 * seed}, {"step": 1, "diag/max_logit": 1.0},
+            {"step": 10, "loss": 5.0}, {"step": 10, "diag/max_logit": 10.0 * lr * 1000}]
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if val_loss is None:
+        write_json_atomic(run_dir / "error.json", {"schema": SCHEMA_VERSION, "run_id": run_id, "axes": axes,
+                                                   "error": "training loss became nan at step 7"})
+        return
+    config = {"model": {"preset": "tiny", "block_size": 16, "normalizer": norm, "positional": "rope"}, "seed": seed}
+    write_json_atomic(run_dir / "result.json", {
+        "schema": SCHEMA_VERSION, "run_id": run_id, "axes": axes, "train_config": config, "train_length": 16,
+        "eval_spec": {"multipliers": [1]}, "complete": True,
+        "summary": {"final_loss": val_loss, "val_loss": val_loss, "steps": 10},
+        "eval": {"train_length": 16, "normalizer": norm, "positional": "rope",
+                 "results": [{"length": 16, "windows": 1, "tokens": 16, "loss": val_loss,
+                              "ppl": math.exp(val_loss)}]}})
+
+
+def test_report_learning_rate_sensitivity(tmp_path):
+    """Wortsman et al.'s LR sensitivity per seed from the final losses, a diverged run counted as the loss at
+    init, losses above it capped; the table, the best learning rate and both figures."""
+    from sasoftmax.lm.lr_sweep import collect, lr_sensitivity
+
+    grid = tmp_path / "grid"
+    losses = {  # (normalizer, seed) -> final loss at lr 1e-3, 1e-2, 1e-1 (None = diverged)
+        ("softmax", 1): [4.0, 3.5, None],
+        ("softmax", 2): [4.2, 3.3, 9.0],  # above the loss at init (8.02): capped to it
+        ("sa_softmax", 1): [4.1, 3.6, 3.9],
+        ("sa_softmax", 2): [4.3, 3.4, 4.1],
+    }
+    for (norm, seed), row in losses.items():
+        for lr, loss in zip((1e-3, 1e-2, 1e-1), row, strict=True):
+            _write_lr_run(grid, norm, lr, seed, loss)
+    points = collect(grid)
+    assert len(points) == 12 and sum(p.diverged for p in points) == 1
+    by = {(p.setting, p.seed): [] for p in points}
+    for p in points:
+        by[(p.setting, p.seed)].append(p)
+    assert lr_sensitivity(by[("softmax, qk_norm=false", 1)]) == pytest.approx((4.0 + 3.5 + 8.01) / 3 - 3.5)
+    assert lr_sensitivity(by[("softmax, qk_norm=false", 2)]) == pytest.approx((4.2 + 3.3 + 8.02) / 3 - 3.3)
+    assert lr_sensitivity(by[("sa_softmax, qk_norm=false", 1)]) == pytest.approx((4.1 + 3.6 + 3.9) / 3 - 3.6)
+
+    write_report(grid, tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Learning-rate sensitivity" in text
+    soft = [(4.0 + 3.5 + 8.01) / 3 - 3.5, (4.2 + 3.3 + 8.02) / 3 - 3.3]
+    row = next(line for line in text.splitlines() if line.startswith("| softmax, qk_norm=false | 2 |"))
+    assert f"{statistics.fmean(soft):.3f} ± {statistics.stdev(soft):.3f}" in row
+    sweep = next(line for line in text.splitlines() if line.startswith("| softmax, qk_norm=false | 4.100"))
+    assert "[1 div.]" in sweep  # lr 0.1: one diverged seed
+    assert (tmp_path / "out" / "lr_sweep.png").stat().st_size > 0
+    assert (tmp_path / "out" / "lr_max_logit.png").stat().st_size > 0

@@ -11,6 +11,8 @@
   to ``softmax``'s in the same cell;
 * plots: training loss vs step (exponential moving average, weight 0.9), validation perplexity vs evaluation length
   (log2 x axis, log y axis, one figure per positional encoding and training length, one line per normalizer);
+* with an ``lr`` axis, the learning-rate sensitivity section of :mod:`sasoftmax.lm.lr_sweep` (final loss vs
+  learning rate per setting, LR sensitivity, max attention logit at the highest learning rates);
 * gradient diagnostics: every global ``diag/<metric>`` key found in ``metrics.jsonl`` is plotted vs step with a
   table of its first and last values per run; per-layer keys ``diag/<metric>/layer<i>`` get one figure per metric
   with each run's last value per layer. The keys are discovered, not listed here.
@@ -37,6 +39,7 @@ from typing import Any
 from ..utils import atomic_write, format_number, format_table, read_json, utc_now
 from .downstream import LM_EVAL_FILE
 from .grid import SCHEMA_VERSION, format_value
+from .lr_sweep import section as lr_sweep_section
 from .metrics import read_metrics
 
 __all__ = ["write_report", "load_grid_dir", "GridData", "RunData", "read_metrics"]
@@ -614,6 +617,7 @@ def write_report(grid_dir: str | os.PathLike, out: str | os.PathLike | None = No
     figures: list[Path] = []
     lines = _header(data) + _config_section(data) + _runs_section(data)
     lines += _ppl_section(data, out_dir, figures)
+    lines += lr_sweep_section(data.directory, out_dir, figures)
     if data.runs:
         lines += _loss_section(data, out_dir, figures)
     lines += _diag_section(data, out_dir, figures, summary)
