@@ -271,6 +271,8 @@ def _plot_train_loss(runs: Sequence[RunData], train_length: int, out: Path, styl
 
 
 def _plot_ppl(cells: dict[str, list[RunData]], title: str, out: Path, style: _Style) -> Path | None:
+    if len({length for runs in cells.values() for r in runs for length in r.ppl}) < 2:
+        return None  # one evaluation length: the table says it all, a curve needs two
     fig, ax = _figure()
     n = 0
     for norm, runs in cells.items():
