@@ -8,9 +8,11 @@
 #    - tests/gpu/test_triton_gpu.py: realistic shapes (N = 1000, bf16 and fp16, D = 64/128, causal or not, both
 #      forms) on both backward paths (fast = atomics, deterministic), bitwise repeatability of the deterministic
 #      path, an attention-sink token (range correction of 2048 rows on one key), GQA + bias + ALiBi, dropout,
-#      D = 96/256, float32, B*H = 70000 (> 65535), torch.compile(fullgraph=True) with Inductor, O(N) memory;
+#      D = 96/256, float32, B*H = 70000 (> 65535), torch.compile(fullgraph=True) with Inductor, O(N) memory,
+#      sliding windows with soft-capping (N = 1000), packed documents (varlen) with and without a window;
 #    - a chosen subset of tests/core/test_triton.py against float64 (every variant, float32/half, dropout, bias
-#      gradients in every broadcast layout (atomics / partials), range correction, single-key rows, masked rows);
+#      gradients in every broadcast layout (atomics / partials), range correction, single-key rows, masked rows,
+#      windows, soft-capping and the kernels' tanh);
 #    - tests/gpu/test_devices.py (every normalizer's model trains on CUDA and matches its CPU run).
 #    Capped at TESTS_TIMEOUT seconds (default 240).
 # 2. bench: benchmarks/bench_gpu_attention.py (bf16, D = 64/128, causal and not, N = 1k..16k: SA normalized and
@@ -58,7 +60,7 @@ fi
 
 STAGES="${STAGES:-tests bench}"
 TOTAL_BUDGET="${TOTAL_BUDGET:-450}"
-SUBSET="variants or bias_with_grad or test_half or dropout_matches or range_correction or deterministic_path or single_key or fully_masked"
+SUBSET="variants or bias_with_grad or test_half or dropout_matches or range_correction or deterministic_path or single_key or fully_masked or test_window or test_softcap or tanh"
 test_rc=0
 if [[ " $STAGES " == *" tests "* ]]; then
     echo "== pytest on CUDA: tests/gpu/test_triton_gpu.py, tests/core/test_triton.py (-k subset), tests/gpu/test_devices.py =="

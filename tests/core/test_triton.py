@@ -282,6 +282,75 @@ def test_noncontiguous_inputs() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# sliding windows and soft-capping (the interpreter's 16-wide tiles: windows that start and end inside blocks, rows
+# whose key range skips whole blocks on either side, key blocks no row of a query block sees)
+
+
+@pytest.mark.parametrize("nq,nk,window,is_causal", [
+    (37, 37, (5, 3), False),
+    (50, 50, (9, -1), True),  # Mistral-style: causal with a left window; later rows skip the first key blocks
+    (20, 45, (-1, 0), False),  # right side only, bottom-right aligned (query i at key 25 + i)
+    (45, 20, (2, 2), True),  # leading rows see no key
+    (40, 40, (0, 0), False),  # each row sees only its own position
+])
+def test_window(nq: int, nk: int, window: tuple[int, int], is_causal: bool, path: bool) -> None:
+    q, k, v = qkv(H=4, Hkv=2, Nq=nq, Nk=nk, seed=211)
+    check(q, k, v, window=window, is_causal=is_causal)
+    check(q, k, v, window=window, is_causal=is_causal, normalize=False)
+
+
+@pytest.mark.parametrize("cap,std", [(2.0, 1.5), (0.5, 3.0)], ids=["moderate", "saturated"])
+def test_softcap(cap: float, std: float, path: bool) -> None:
+    """``cap * tanh(s / cap)``; "saturated": most products far beyond the cap, where ``1 - tanh^2`` is tiny and must
+    keep its relative accuracy (the kernel takes it from ``exp(-2|x|)``, not from ``1 - t^2``)."""
+    q, k, v = qkv(H=2, Nq=35, Nk=33, std=std, seed=223)
+    bias = rand(1, 2, 35, 33, std=0.5, seed=227)
+    check(q, k, v, bias=bias, softcap=cap, is_causal=True)
+    check(q, k, v, softcap=cap, detach_range=True)
+    check(q, k, v, softcap=cap, normalize=False)
+
+
+def test_tanh_of_the_kernels_is_accurate() -> None:
+    """The kernels' ``tanh`` and its derivative against float64 over the whole float32 range of interest,
+    including both sides of the series/exponential switch at ``|x| = 0.55`` and deep saturation."""
+    @triton.jit
+    def tanh_kernel(X, T, G, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        t, g = tk._tanh_grad(tl.load(X + offs))
+        tl.store(T + offs, t)
+        tl.store(G + offs, g)
+
+    x = torch.cat([torch.linspace(-12, 12, 2001), torch.linspace(0.5, 0.6, 1001), torch.tensor([0.0, 1e-30, -1e-8]),
+                   torch.logspace(-8, 0, 1000), -torch.logspace(-8, 1.2, 1000)])
+    x = torch.nn.functional.pad(x, (0, 8192 - x.numel()))
+    t, g = torch.empty_like(x), torch.empty_like(x)
+    tanh_kernel[(1,)](x, t, g, N=8192)
+    want_t = torch.tanh(x.double())
+    want_g = torch.cosh(x.double()) ** -2  # (1 - want_t**2 cancels in float64 too, beyond |x| ~ 8)
+    # t within a few float32 ulps of its value; g within what its condition number allows (a relative change of x
+    # by one ulp moves g by 2|x| ulps), where it is representable (x beyond ~44 underflows to 0)
+    ulp = 2.0**-23
+    assert float(((t.double() - want_t).abs() / want_t.abs().clamp_min(1e-38)).max()) < 4 * ulp
+    rel_g = (g.double() - want_g).abs() / want_g
+    ok = want_g > 1e-30
+    assert bool((rel_g[ok] <= (8 + 2 * x.double().abs()[ok]) * ulp).all())
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_window_softcap_with_every_feature(is_causal: bool, path: bool, blocks32: None) -> None:
+    """Window and soft-capping combined with a float mask, a bias with gradient broadcast over the batch, ALiBi,
+    grouped-query heads and dropout (the same dropped entries as the reference for the same seed)."""
+    B, H, Hkv, N = 2, 4, 2, 70
+    q, k, v = qkv(B=B, H=H, Hkv=Hkv, Nq=N, seed=229)
+    bias = rand(1, H, N, N, std=0.3, seed=231)
+    m = torch.randn(1, 1, N, N, generator=torch.Generator().manual_seed(233))
+    m[torch.rand(1, 1, N, N, generator=torch.Generator().manual_seed(235)) < 0.15] = float("-inf")
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE)
+    check(q, k, v, attn_mask=m.to(DEVICE), bias=bias, alibi_slopes=slopes, window=(21, 4), softcap=3.0,
+          is_causal=is_causal, dropout_p=0.2, dropout_seed=17)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # half precision
 
 

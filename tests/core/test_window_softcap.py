@@ -23,6 +23,7 @@ WINDOW_RUNNERS = [
     pytest.param(("cpp", 1), id="cpp-b1"),
     pytest.param(("cpp", 3), id="cpp-b3"),
     pytest.param(("cpp", "panels"), id="cpp-panels"),
+    pytest.param(("triton", None), id="triton"),  # (under TRITON_INTERPRET without a GPU: float32 only)
 ]
 
 CASES = {
@@ -67,6 +68,8 @@ def test_matches_oracle(runner, case, normalize, detach_range, dtype):
     backend, block = runner
     if block == "panels" and dtype != torch.float32:
         pytest.skip("the kernel's panel products are float32 only")
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float16, bfloat16 and float32")
     leaves, args, kw = _case(case, dtype)
     q, k, v = leaves[:3]
     kw = dict(kw, normalize=normalize, detach_range=detach_range)
@@ -132,13 +135,18 @@ def test_dropout_with_window_matches_oracle_with_its_mask(normalize, detach_rang
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
-def test_triton_says_it_does_not_run_windows_yet():
-    """Until the Triton kernels take windows and soft-capping they say so, and auto runs the call elsewhere."""
+def test_every_fused_backend_runs_windows_and_softcap():
+    """No backend refuses a window or soft-capping, so ``auto`` keeps its usual choice for such calls."""
+    from sasoftmax.attention.backends import triton as tb
+
     q, k, v = qkv(1, 2, 2, 6, 6, 4, 4, torch.float32, seed=9)
-    for kw in (dict(window=(2, 0)), dict(softcap=1.0)):
+    for kw in (dict(window=(2, 0)), dict(softcap=1.0), dict(window=(1, 1), softcap=2.0, is_causal=True)):
         inp = prepare(q, k, v, **kw)
-        assert get_backend("triton").unsupported_reason(inp) is not None
-        assert choose(inp).name != "triton"
+        for name in ("cpp", "triton"):
+            backend = get_backend(name)
+            if backend.load_error() is None and (name == "cpp" or tb.INTERPRET):
+                assert backend.unsupported_reason(inp) is None, name
+        assert choose(inp).name == choose(prepare(q, k, v)).name
 
 
 @pytest.mark.parametrize("panels", [False, True], ids=["blas", "panels"])

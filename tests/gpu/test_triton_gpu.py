@@ -64,6 +64,16 @@ def test_gqa_bias_alibi_long(path: bool) -> None:
     check(q, k, v, alibi_slopes=slopes, normalize=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window,is_causal", [((256, -1), True), ((100, 100), False)], ids=["causal-left", "both"])
+def test_window_softcap_realistic(dtype: torch.dtype, window: tuple[int, int], is_causal: bool, path: bool) -> None:
+    """Mistral/Gemma-2-style attention at N = 1000: a sliding window (rows skip whole key blocks on the GPU tiles)
+    with soft-capping at 30 (Gemma 2's attention cap), against float64; and the window's cost is that of its keys."""
+    q, k, v = qkv(B=2, H=4, Hkv=2, Nq=1000, D=128, dtype=dtype, std=1.0, seed=83)
+    check(q, k, v, window=window, softcap=30.0, is_causal=is_causal)
+    check(q, k, v, window=window, is_causal=is_causal, normalize=False)
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_dropout_realistic(normalize: bool, path: bool) -> None:
     q, k, v = qkv(B=2, H=4, Hkv=2, Nq=600, D=64, dtype=torch.bfloat16, std=1.0, seed=77)
@@ -159,9 +169,9 @@ def test_no_quadratic_memory() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_varlen_on_cuda_equals_separate_calls_and_windows_fall_back(dtype):
+def test_varlen_on_cuda_equals_separate_calls(dtype):
     """Packed documents on CUDA: each document through the Triton kernel equals its separate call (values and
-    gradients); a window (not in the Triton kernels yet) runs through the chunked backend and matches it too."""
+    gradients), without and with a causal sliding window and soft-capping."""
     from sasoftmax import sa_attention_varlen
 
     lengths = [300, 1, 700, 64]

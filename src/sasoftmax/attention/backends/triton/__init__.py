@@ -28,7 +28,9 @@ broadcast bias' gradient is reduced from per-(batch, head) partials).
 
 Masks follow :mod:`sasoftmax.attention.inputs`: bool ``keep`` (True = attend), additive float-mask values, additive
 ``bias`` (may require grad), ALiBi slopes (computed in-kernel), causal aligned bottom-right; all 4-d masks are read
-by strides, with stride 0 on broadcast dims. Rows with no visible key give output 0 and gradient 0.
+by strides, with stride 0 on broadcast dims. Rows with no visible key give output 0 and gradient 0. Sliding windows
+(``window=(left, right)``) and soft-capping (``softcap``) are computed in-kernel; every kernel skips the key (or
+query) blocks that no row of its block can see through the window, so a window of ``w`` keys costs O(N w).
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ def _autotuned(kind: str) -> Any:
         return configs
 
     keys = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "NORMALIZE", "RANGE_GRAD", "HAS_KEEP", "HAS_MADD",
-            "HAS_BIAS", "HAS_ALIBI", "HAS_DROPOUT"]
+            "HAS_BIAS", "HAS_ALIBI", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_DROPOUT"]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
                for bm, bn, w, st in AUTOTUNE_CANDIDATES[kind]]
     prune = {"early_config_prune": prune_big_d}
@@ -275,8 +277,6 @@ def unsupported_reason(inp: AttentionInputs) -> str | None:
     smallest = _INTERPRET_BLOCK if INTERPRET else 16
     if -(-max(inp.nq, inp.nk) // smallest) * inp.batch * inp.heads > CUDA_GRID_LIMITS[0]:
         return "too many (batch, head, block) programs for one CUDA grid"
-    if inp.window is not None or inp.softcap is not None:
-        return "sliding windows and soft-capping are not in the Triton kernels yet"
     from . import selftest
 
     return selftest.reason(inp)  # (on CUDA: this kind of call checked once against the chunked backend)
@@ -314,6 +314,16 @@ def _dropout_args(p: float) -> list[Any]:
     return [int(p * 2**32) | 1 << 32, 1.0 / (1.0 - p)]
 
 
+def _window_args(win_left: int, win_right: int, softcap: float, nq: int, nk: int) -> tuple[list[Any], dict[str, bool]]:
+    """Kernel arguments ``win_left, win_right, cap`` and the flags ``HAS_WINDOW``, ``HAS_SOFTCAP`` from the operator's
+    ``(-1, -1)`` = no window, ``-1`` = unbounded side, ``softcap`` 0 = off. An unbounded side becomes a distance no
+    query/key pair reaches, so the kernels test both sides without a branch."""
+    far = nq + nk + 1
+    has_window = win_left >= 0 or win_right >= 0
+    args = [far if win_left < 0 else win_left, far if win_right < 0 else win_right, softcap if softcap > 0 else 1.0]
+    return args, {"HAS_WINDOW": has_window, "HAS_SOFTCAP": softcap > 0}
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
     # float32 inputs get exact float32 products (no TF32, off the tensor cores), so that the accuracy rule holds
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -333,14 +343,15 @@ def _empty(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? keep, Tensor? mask_add, Tensor? bias, Tensor? slopes, Tensor? seed, "
     "bool is_causal, float scale, bool normalize, bool range_grad, float eps, float dropout_p, bool need_grad, "
-    "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool deterministic, int win_left, int win_right, float softcap) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor rowm, Tensor rowl, "
     "Tensor ra, Tensor rb, Tensor rc, Tensor imin, Tensor imax, Tensor? keep, Tensor? mask_add, Tensor? bias, "
     "Tensor? slopes, Tensor? seed, bool is_causal, float scale, bool normalize, bool range_grad, float eps, "
-    "float dropout_p, bool need_dq, bool need_dk, bool need_dv, bool need_dbias, bool deterministic) -> "
-    "(Tensor, Tensor, Tensor, Tensor)"
+    "float dropout_p, bool need_dq, bool need_dk, bool need_dv, bool need_dbias, bool deterministic, "
+    "int win_left, int win_right, float softcap) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -357,7 +368,7 @@ def _fwd_shapes(q, v, normalize, range_grad):
 
 @torch.library.custom_op("sasoftmax::triton_sa_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _fwd_op(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, normalize, range_grad, eps, dropout_p,
-            need_grad, deterministic):
+            need_grad, deterministic, win_left, win_right, softcap):
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     dev = q.device
@@ -368,6 +379,7 @@ def _fwd_op(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, norma
     imin, imax = (torch.empty(s_idx, dtype=torch.int32, device=dev) for _ in range(2))
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     ex_args, ex_strides, ex_flags = _extras(keep, mask_add, bias, slopes, dummy)
+    win_args, win_flags = _window_args(win_left, win_right, softcap, Nq, Nk)
     bd = max(block_dim(D), block_dim(Dv))
     with _device_guard(q):
         _launch("fwd", _tk.sa_fwd, Nq, B * H, bd, q.dtype, [
@@ -375,16 +387,16 @@ def _fwd_op(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, norma
             rb if normalize else dummy, rc if normalize else dummy, imin if range_grad else dummy,
             imax if range_grad else dummy, *ex_args, dummy if seed is None else seed,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ex_strides,
-            H, H // Hkv, Nq, Nk, D, Dv, scale, eps, _n_bucket(Nq, Nk), *_dropout_args(dropout_p),
+            H, H // Hkv, Nq, Nk, D, Dv, scale, eps, _n_bucket(Nq, Nk), *_dropout_args(dropout_p), *win_args,
         ], dict(IS_CAUSAL=is_causal, NORMALIZE=normalize, RANGE_GRAD=range_grad, HAS_DROPOUT=seed is not None,
                 DOT_PREC=_dot_prec(q.dtype), BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv),
-                **ex_flags))
+                **ex_flags, **win_flags))
     return out, rowm, rowl, ra, rb, rc, imin, imax
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, normalize, range_grad, eps, dropout_p,
-              need_grad, deterministic):
+              need_grad, deterministic, win_left, win_right, softcap):
     s_out, s_row, s_norm, s_idx = _fwd_shapes(q, v, normalize, range_grad)
     f32, i32 = torch.float32, torch.int32
     return (q.new_empty(s_out), q.new_empty(s_row, dtype=f32), q.new_empty(s_row, dtype=f32),
@@ -433,7 +445,7 @@ def _bwd_scratch(q: Tensor, rows: int, fast_dq: bool, range_grad: bool, det: boo
 @torch.library.custom_op("sasoftmax::triton_sa_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _bwd_op(grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
             is_causal, scale, normalize, range_grad, eps, dropout_p, need_dq, need_dk, need_dv, need_dbias,
-            deterministic):
+            deterministic, win_left, win_right, softcap):
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hkv
@@ -450,12 +462,13 @@ def _bwd_op(grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, ma
     need_kv = need_dk or need_dv or need_bias
     det = deterministic
     ex_args, ex_strides, ex_flags = _extras(keep, mask_add, bias, slopes, dummy)
+    win_args, win_flags = _window_args(win_left, win_right, softcap, Nq, Nk)
     seed_arg = dummy if seed is None else seed
-    drop = _dropout_args(dropout_p)
+    drop = [*_dropout_args(dropout_p), *win_args]
     bd = max(block_dim(D), block_dim(Dv))
     prec = _dot_prec(q.dtype)
     common = dict(IS_CAUSAL=is_causal, NORMALIZE=normalize, RANGE_GRAD=range_grad, HAS_DROPOUT=seed is not None,
-                  DOT_PREC=prec, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), **ex_flags)
+                  DOT_PREC=prec, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), **ex_flags, **win_flags)
     bucket = _n_bucket(Nq, Nk)
     rows = B * H * Nq
 
@@ -501,9 +514,9 @@ def _bwd_op(grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, ma
                 q, k, dq_acc, dq if need_dq else dummy, dk if need_kv else dummy, dbuf, delta, ra, rb, rc, imin,
                 imax, row_a, row_b,
                 *q.stride(), *k.stride(), *(dq.stride() if need_dq else (0, 0, 0, 0)),
-                *(dk.stride() if need_kv else (0, 0, 0, 0)), *sdb, H, G, Nq, D, scale,
+                *(dk.stride() if need_kv else (0, 0, 0, 0)), *sdb, H, G, Nq, D, scale, win_args[2],
             ], dict(RANGE_GRAD=range_grad, NEED_DQ=need_dq, NEED_DK=need_dk and range_grad, BIAS_GRAD=need_bias,
-                    BLOCK_D=block_dim(D), **_row_opts(bd)))
+                    HAS_SOFTCAP=win_flags["HAS_SOFTCAP"], BLOCK_D=block_dim(D), **_row_opts(bd)))
     if need_kv and dk.dtype != k.dtype:
         dk = dk.to(k.dtype)
     dbias = _bias_grad_finish(dbuf, bias, det) if need_bias else _empty(q)
@@ -513,7 +526,7 @@ def _bwd_op(grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, ma
 @_bwd_op.register_fake
 def _bwd_fake(grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
               is_causal, scale, normalize, range_grad, eps, dropout_p, need_dq, need_dk, need_dv, need_dbias,
-              deterministic):
+              deterministic, win_left, win_right, softcap):
     return (q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if need_dk else (0,)),
             v.new_empty(v.shape if need_dv else (0,)),
             q.new_empty(bias.shape if need_dbias and bias is not None else (0,),
@@ -522,26 +535,26 @@ def _bwd_fake(grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, 
 
 def _setup_context(ctx, inputs, output) -> None:
     (q, k, v, keep, mask_add, bias, slopes, seed, is_causal, scale, normalize, range_grad, eps, dropout_p,
-     need_grad, det) = inputs
+     need_grad, det, win_left, win_right, softcap) = inputs
     out, rowm, rowl, ra, rb, rc, imin, imax = output
     ctx.save_for_backward(q, k, v, keep, mask_add, bias, slopes, seed, out, rowm, rowl, ra, rb, rc, imin,
                           imax)
-    ctx.flags = (is_causal, scale, normalize, range_grad, eps, dropout_p, det)
+    ctx.flags = (is_causal, scale, normalize, range_grad, eps, dropout_p, det, win_left, win_right, softcap)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out, *_unused):
     q, k, v, keep, mask_add, bias, slopes, seed, out, rowm, rowl, ra, rb, rc, imin, imax = ctx.saved_tensors
-    is_causal, scale, normalize, range_grad, eps, dropout_p, det = ctx.flags
+    is_causal, scale, normalize, range_grad, eps, dropout_p, det, win_left, win_right, softcap = ctx.flags
     need = ctx.needs_input_grad
     need_db = bool(need[5]) and ctx.has_bias
     dq, dk, dv, dbias = torch.ops.sasoftmax.triton_sa_bwd(
         grad_out, q, k, v, out, rowm, rowl, ra, rb, rc, imin, imax, keep, mask_add, bias, slopes, seed,
         is_causal, scale, normalize, range_grad, eps, dropout_p, bool(need[0]), bool(need[1]), bool(need[2]),
-        need_db, det,
+        need_db, det, win_left, win_right, softcap,
     )
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None,
-            dbias if need_db else None, None, None, None, None, None, None, None, None, None, None)
+            dbias if need_db else None, *([None] * 13))
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -589,8 +602,10 @@ def fwd_op_args(inp: AttentionInputs) -> tuple:
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
     range_grad = inp.normalize and not inp.detach_range and need_grad
     seed = _seed_tensor(inp) if inp.dropout_p > 0 else None
+    win_left, win_right = inp.window if inp.window is not None else (-1, -1)
     return (q, k, v, inp.keep, inp.mask_add, bias, inp.alibi_slopes, seed, inp.is_causal, inp.scale, inp.normalize,
-            range_grad, inp.eps, inp.dropout_p, need_grad, deterministic())
+            range_grad, inp.eps, inp.dropout_p, need_grad, deterministic(), win_left, win_right,
+            inp.softcap if inp.softcap is not None else 0.0)
 
 
 def load_error() -> str | None:

@@ -27,8 +27,12 @@ brackets.
 * ``sa_bwd_post`` (fast path): ``dq = scale * acc`` in the input dtype; with the range gradient, the sparse
   correction: ``dq`` gathers the arg-min/arg-max key rows, ``dk`` and the bias gradient get them by atomics.
 
-Scores ``s = scale * q.k + float-mask + bias + ALiBi`` are computed in float32; masked keys (causal, bool mask,
-masked float-mask entries, out-of-range positions) take no part in the softmax or the min/max and get weight 0.
+Scores ``s = scale * q.k + float-mask + bias + ALiBi`` (with soft-capping ``cap * tanh(scale * q.k / cap)`` in place
+of the product) are computed in float32; masked keys (causal, sliding window, bool mask, masked float-mask entries,
+out-of-range positions) take no part in the softmax or the min/max and get weight 0. With soft-capping the gradient
+of the product is ``dL/ds (1 - tanh^2)``; the bias keeps ``dL/ds``. A window bounds every loop: the forward and the
+dq kernel start at the block of the first key the query block's first row sees and stop after the last key its last
+row sees; the key/value kernel likewise bounds its query rows.
 Each loop is split: tiles whose keys are all in range and (causal) visible to every row run a ``FULL`` variant
 without masking; only the boundary tiles compute masks. ``N_BUCKET`` is not used by the kernels; it is the
 power-of-two length bucket that keys the optional autotuning.
@@ -98,18 +102,27 @@ def _scores(
     Keep, skp_b, skp_h, skp_m, skp_n,
     MaskAdd, sma_b, sma_h, sma_m, sma_n,
     Bias, sbi_b, sbi_h, sbi_m, sbi_n,
-    Slopes, ssl_b, ssl_h,
+    Slopes, ssl_b, ssl_h, win_left, win_right, cap,
     IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, FULL: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FULL: tl.constexpr,
 ):
     """Scores (float32, the shape of ``qk``) of a tile and its visibility (True = the key takes part). ``rm`` and
     ``cn`` are the query-row and key indices as broadcastable 2-d arrays (``(M, 1)``/``(1, N)`` for a ``Q K^T`` tile,
     ``(1, M)``/``(N, 1)`` for a ``K Q^T`` tile).
 
     ``FULL``: the caller guarantees that every key of the tile is in range and (causal) visible to every row of the
-    tile, so only the row range (for safe loads) and a bool mask remain; ``vis`` may then have the shape of ``rm``.
-    Scores are finite everywhere (masked loads read 0), so ``0 * s`` is always 0."""
+    tile, so only the row range (for safe loads), a bool mask and the window remain; ``vis`` may then have the shape
+    of ``rm``. Scores are finite everywhere (masked loads read 0), so ``0 * s`` is always 0.
+
+    Window: query ``i`` sees keys ``pos - win_left <= j <= pos + win_right`` with ``pos = i + Nk - Nq`` (an
+    unbounded side comes as a value larger than any distance). Soft-capping: the scaled product becomes
+    ``cap * tanh(scale q.k / cap)`` before the other terms; ``dcap`` is its derivative ``1 - tanh^2``, the factor
+    between ``dL/ds`` and the product's gradient (returned unchanged as ``qk`` without soft-capping: unused)."""
     s = qk * scale
+    dcap = qk
+    if HAS_SOFTCAP:
+        t, dcap = _tanh_grad(s / cap)
+        s = t * cap
     in_m = rm < Nq
     if FULL:
         inb = in_m
@@ -119,6 +132,8 @@ def _scores(
         vis = inb
         if IS_CAUSAL:
             vis = vis & (cn <= rm + (Nk - Nq))
+    if HAS_WINDOW:
+        vis = vis & (cn >= rm + (Nk - Nq) - win_left) & (cn <= rm + (Nk - Nq) + win_right)
     if HAS_KEEP:
         kp = tl.load(Keep + off_b * skp_b + off_h * skp_h + rm * skp_m + cn * skp_n, mask=inb, other=0)
         vis = vis & (kp != 0)
@@ -131,7 +146,33 @@ def _scores(
     if HAS_ALIBI:
         slope = tl.load(Slopes + off_b * ssl_b + off_h * ssl_h).to(tl.float32)
         s += -slope * tl.abs(rm + (Nk - Nq) - cn).to(tl.float32)
-    return s, vis
+    return s, vis, dcap
+
+
+@triton.jit
+def _tanh_grad(x):
+    """``(tanh x, 1 - tanh^2 x)`` in float32 to about an ulp, from ``exp2`` alone (the interpreter has no libdevice):
+    the odd Taylor series to ``x^15`` below ``|x| = 0.55`` (next term < 5e-8 relative), else ``(1 - e) / (1 + e)``
+    with ``e = exp(-2|x|) <= 1/3`` (no cancellation), whose derivative ``4 e / (1 + e)^2`` keeps its relative
+    accuracy where ``tanh`` saturates (``1 - t^2`` from a rounded ``t`` would not)."""
+    ax = tl.abs(x)
+    e = tl.math.exp2(ax * (-2.0 * LOG2E))
+    r = 1.0 / (1.0 + e)
+    t_big = (1.0 - e) * r
+    g_big = 4.0 * e * r * r
+    xs = tl.minimum(ax, 0.55)  # (the series only where it is used: no overflow beyond)
+    x2 = xs * xs
+    p = -0.0014558343870513183 * x2 + 0.003592128036572481
+    p = p * x2 - 0.008863235529902197
+    p = p * x2 + 0.021869488536155203
+    p = p * x2 - 0.05396825396825397
+    p = p * x2 + 0.13333333333333333
+    p = p * x2 - 0.3333333333333333
+    t_small = xs + xs * x2 * p
+    small = ax < 0.55
+    t = tl.where(small, t_small, t_big)
+    g = tl.where(small, 1.0 - t_small * t_small, g_big)
+    return tl.where(x < 0.0, -t, t), g
 
 
 @triton.jit
@@ -147,9 +188,11 @@ def _split_pid(pid, n_rows, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _row_range(start_m, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Key range of a query block: keys below ``full_hi`` (a multiple of ``BLOCK_N``) are visible to every row of the
-    block, keys from ``hi`` on to none."""
+def _row_range(start_m, Nq, Nk, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key range of a query block: ``(lo, full_hi, hi)``: no row of the block sees a key below ``lo`` or from ``hi``
+    on; keys in ``[lo, full_hi)`` are in range and (causal) visible to every row, up to the window. ``lo`` and
+    ``full_hi`` are multiples of ``BLOCK_N``, ``lo <= max(lo, full_hi)``."""
     if IS_CAUSAL:
         # the last row of the block sees keys up to Nk - Nq + start_m + BLOCK_M - 1, its first row up to
         # Nk - Nq + start_m
@@ -158,8 +201,15 @@ def _row_range(start_m, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS
     else:
         hi = Nk
         full_hi = Nk
+    lo = 0
+    if HAS_WINDOW:
+        # the block's first row sees keys from Nk - Nq + start_m - win_left on, its last row up to
+        # Nk - Nq + start_m + BLOCK_M - 1 + win_right
+        lo = (tl.maximum(start_m + Nk - Nq - win_left, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + Nk - Nq + win_right, 0))
+        full_hi = tl.minimum(full_hi, hi)
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
-    return full_hi, hi
+    return lo, full_hi, hi
 
 
 @triton.jit
@@ -186,7 +236,7 @@ def _row_stats(stat, m_ok, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr, Ra
 def _ds(
     s, vis, dp, m2, il, delta, ra, rb, rc, i_min, i_max, cn, eps, keep, drop_scale,
     NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_KEEP: tl.constexpr,
-    FULL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, FULL: tl.constexpr,
 ):
     """The backward of one tile from its scores ``s`` and ``dp = dO v`` (either orientation; the row vectors ``m2``
     (row max times log2 e), ``il`` (1 / softmax sum), ``delta``, ``ra``, ``rb``, ``rc``, ``i_min``, ``i_max`` come
@@ -201,7 +251,7 @@ def _ds(
     correction cancels exactly (``c`` at the arg-min, ``c (1 - c eps)`` at the arg-max), so that no O(c) terms cancel
     in floating point: the correction added afterwards is then ``c (Delta - sum_{j != argmin} p dp)`` and
     ``-c sum_{j != argmax} w dp``."""
-    if FULL and not HAS_KEEP:  # every key visible; rows past Nq have m2 = +inf, so e = 0 there
+    if FULL and not HAS_KEEP and not HAS_WINDOW:  # every key visible; rows past Nq have m2 = +inf: e = 0 there
         e = tl.math.exp2(s * LOG2E - m2)
     else:
         e = tl.math.exp2(tl.where(vis, s, float("-inf")) * LOG2E - m2)  # m2 = +inf on empty rows -> 0
@@ -237,23 +287,24 @@ def _ds(
 def _fwd_stats_tile(
     q, k_base, sk_n, sk_d, start_n, offs_n0, offs_m, offs_d, D, off_b, off_h, Nq, Nk, scale,
     Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap,
     m_i, mn_i, l_i, i_max, i_min,
     IS_CAUSAL: tl.constexpr, RANGE_GRAD: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr, FULL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr, FULL: tl.constexpr,
 ):
     """Pass 1 of the normalized forward, one key block: running max, sum, minimum (and arg-min/arg-max)."""
     offs_n = start_n + offs_n0
     kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d,
                  mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PREC)
-    s, vis = _scores(
+    s, vis, dcap = _scores(
         qk, offs_m[:, None], offs_n[None, :], off_b, off_h, Nq, Nk, scale,
         Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, FULL,
+        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap,
+        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP, FULL,
     )
-    if FULL and not HAS_KEEP:  # every key visible (rows past Nq are never stored)
+    if FULL and not HAS_KEEP and not HAS_WINDOW:  # every key visible (rows past Nq are never stored)
         s_ninf = s
         s_pinf = s
     else:
@@ -280,10 +331,11 @@ def _fwd_acc_tile(
     q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
     off_b, off_h, Nq, Nk, scale,
     Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap,
     acc, m_i, l_i, m2, ra, cl, row_base, seed_lo, seed_hi, drop_thr,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     FULL: tl.constexpr,
 ):
     """One key block of the accumulating pass: normalized, pass 2 with the exact weights ``(s - a) (c / l)
@@ -294,13 +346,13 @@ def _fwd_acc_tile(
     kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d,
                  mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PREC)
-    s, vis = _scores(
+    s, vis, dcap = _scores(
         qk, offs_m[:, None], offs_n[None, :], off_b, off_h, Nq, Nk, scale,
         Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, FULL,
+        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap,
+        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP, FULL,
     )
-    if FULL and not HAS_KEEP:
+    if FULL and not HAS_KEEP and not HAS_WINDOW:
         s_ninf = s
     else:
         s_ninf = tl.where(vis, s, float("-inf"))
@@ -338,9 +390,10 @@ def sa_fwd(
     sma_b, sma_h, sma_m, sma_n,
     sbi_b, sbi_h, sbi_m, sbi_n,
     ssl_b, ssl_h,
-    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, drop_thr, drop_scale,
+    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, drop_thr, drop_scale, win_left, win_right, cap,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -360,7 +413,8 @@ def sa_fwd(
                 mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
     k_base = K + off_b * sk_b + off_hkv * sk_h
     v_base = V + off_b * sv_b + off_hkv * sv_h
-    full_hi, hi = _row_range(start_m, Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    lo, full_hi, hi = _row_range(start_m, Nq, Nk, win_left, win_right, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    mid = tl.maximum(lo, full_hi)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -377,19 +431,22 @@ def sa_fwd(
         mn_i = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
         i_max = tl.zeros([BLOCK_M], dtype=tl.int32)
         i_min = tl.zeros([BLOCK_M], dtype=tl.int32)
-        for start_n in range(0, full_hi, BLOCK_N):
+        for start_n in range(lo, full_hi, BLOCK_N):
             m_i, mn_i, l_i, i_max, i_min = _fwd_stats_tile(
                 q, k_base, sk_n, sk_d, start_n, offs_n0, offs_m, offs_d, D, off_b, off_h, Nq, Nk, scale,
                 Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, m_i, mn_i, l_i, i_max, i_min,
-                IS_CAUSAL, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, DOT_PREC, True,
+                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap, m_i, mn_i, l_i,
+                i_max, i_min,
+                IS_CAUSAL, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP, DOT_PREC, True,
             )
-        for start_n in range(full_hi, hi, BLOCK_N):
+        for start_n in range(mid, hi, BLOCK_N):
             m_i, mn_i, l_i, i_max, i_min = _fwd_stats_tile(
                 q, k_base, sk_n, sk_d, start_n, offs_n0, offs_m, offs_d, D, off_b, off_h, Nq, Nk, scale,
                 Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, m_i, mn_i, l_i, i_max, i_min,
-                IS_CAUSAL, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, DOT_PREC, False,
+                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap, m_i, mn_i, l_i,
+                i_max, i_min,
+                IS_CAUSAL, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP, DOT_PREC,
+                False,
             )
         empty = l_i == 0.0
         # the same m2 as the last update of l_i (so that sum p = 1 to a few ulps)
@@ -407,23 +464,25 @@ def sa_fwd(
             tl.store(IdxMax + stat, i_max, mask=row_ok)
 
     # the accumulating pass (normalized: pass 2; plain: the only pass)
-    for start_n in range(0, full_hi, BLOCK_N):
+    for start_n in range(lo, full_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_acc_tile(
             q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
             off_b, off_h, Nq, Nk, scale,
             Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap,
             acc, m_i, l_i, m2, ra, cl, row_base, seed_lo, seed_hi, drop_thr,
-            IS_CAUSAL, NORMALIZE, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, True,
+            IS_CAUSAL, NORMALIZE, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT,
+            DOT_PREC, True,
         )
-    for start_n in range(full_hi, hi, BLOCK_N):
+    for start_n in range(mid, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_acc_tile(
             q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
             off_b, off_h, Nq, Nk, scale,
             Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap,
             acc, m_i, l_i, m2, ra, cl, row_base, seed_lo, seed_hi, drop_thr,
-            IS_CAUSAL, NORMALIZE, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, False,
+            IS_CAUSAL, NORMALIZE, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT,
+            DOT_PREC, False,
         )
 
     if NORMALIZE:
@@ -486,10 +545,11 @@ def _kv_tile(
     RowA, RowB, dq_base, DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n, offs_d, offs_dv,
     n_ok, pid_n, k, v, dk, dv, db_acc, D, DV, off_b, off_h, Nq, Nk, scale, eps,
     Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap,
     seed_lo, seed_hi, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BCAST_M: tl.constexpr, DB_BCAST_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, NEED_DQ: tl.constexpr, NEED_KV: tl.constexpr,
     DOT_PREC: tl.constexpr, FULL: tl.constexpr,
@@ -508,11 +568,11 @@ def _kv_tile(
     ra, rb, rc, i_min, i_max = _row_stats(stat, m_ok, NORMALIZE, RANGE_GRAD, RangeA, RangeB, RangeC, IdxMin, IdxMax)
     rm = offs_m[None, :]
     cn = offs_n[:, None]
-    s, vis = _scores(
+    s, vis, dcap = _scores(
         tl.dot(k, qt, input_precision=DOT_PREC), rm, cn, off_b, off_h, Nq, Nk, scale,
         Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, FULL,
+        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap,
+        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP, FULL,
     )
     dp = tl.dot(v, dot_, input_precision=DOT_PREC)
     keep = vis
@@ -520,7 +580,8 @@ def _kv_tile(
         keep = _dropout_keep(stat.to(tl.int64)[None, :], cn, Nk, seed_lo, seed_hi, drop_thr)
     wd, ds, e, dp, w, at_min, at_max = _ds(
         s, vis, dp, m2[None, :], il[None, :], delta[None, :], ra[None, :], rb[None, :], rc[None, :], i_min[None, :],
-        i_max[None, :], cn, eps, keep, drop_scale, NORMALIZE, RANGE_GRAD, HAS_DROPOUT, HAS_KEEP, FULL,
+        i_max[None, :], cn, eps, keep, drop_scale, NORMALIZE, RANGE_GRAD, HAS_DROPOUT, HAS_KEEP,
+        HAS_WINDOW, FULL,
     )
     if RANGE_GRAD:
         if ATOMIC_DQ:  # fast path: partial row sums of the range correction, completed by atomics
@@ -530,7 +591,10 @@ def _kv_tile(
             da = tl.load(DA + stat, mask=m_ok, other=0.0)
             db = tl.load(DB + stat, mask=m_ok, other=0.0)
             ds += tl.where(at_min, da[None, :], 0.0) + tl.where(at_max, db[None, :], 0.0)
-    ds_lo = ds.to(qt.dtype)
+    if HAS_SOFTCAP:  # dk and dq see the product's gradient; the bias sees dL/ds
+        ds_lo = (ds * dcap).to(qt.dtype)
+    else:
+        ds_lo = ds.to(qt.dtype)
     if NEED_KV:
         dv += tl.dot(wd.to(dot_.dtype), tl.trans(dot_), input_precision=DOT_PREC)
         dk += tl.dot(ds_lo, tl.trans(qt), input_precision=DOT_PREC)
@@ -576,9 +640,10 @@ def sa_bwd_kv(
     sma_b, sma_h, sma_m, sma_n,
     sbi_b, sbi_h, sbi_m, sbi_n,
     ssl_b, ssl_h,
-    H, HKV, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, drop_thr, drop_scale,
+    H, HKV, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, drop_thr, drop_scale, win_left, win_right, cap,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_BCAST_M: tl.constexpr, DB_BCAST_N: tl.constexpr, DB_ATOMIC: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, NEED_DQ: tl.constexpr, NEED_KV: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -613,7 +678,14 @@ def sa_bwd_kv(
         lo = 0
         mid = 0
     mid = tl.where(start_n + BLOCK_N > Nk, Nq, mid)  # a key block past the end is masked everywhere
-    mid_lo = tl.minimum(mid, Nq)
+    hi_m = Nq
+    if HAS_WINDOW:
+        # rows that see a key of the block: start_n - (Nk - Nq) - win_right <= i < start_n + BLOCK_N - (Nk - Nq)
+        # + win_left
+        lo = tl.maximum(lo, (tl.maximum(start_n - (Nk - Nq) - win_right, 0) // BLOCK_M) * BLOCK_M)
+        hi_m = tl.minimum(Nq, tl.maximum(start_n + BLOCK_N - (Nk - Nq) + win_left, 0))
+        mid = tl.maximum(mid, lo)
+    mid_lo = tl.minimum(mid, hi_m)
     for g in range(0, G):
         off_h = off_hkv * G + g
         q_base = Q + off_b * sq_b + off_h * sq_h
@@ -631,20 +703,22 @@ def sa_bwd_kv(
                 DB, RowA, RowB, dq_base, DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n,
                 offs_d, offs_dv, n_ok, pid_n, k, v, dk, dv, db_acc, D, DV, off_b, off_h, Nq, Nk, scale, eps,
                 Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, seed_lo, seed_hi, drop_thr, drop_scale,
-                IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI,
+                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap, seed_lo, seed_hi,
+                drop_thr, drop_scale,
+                IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP,
                 BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, ATOMIC_DQ, NEED_DQ, NEED_KV, DOT_PREC,
                 False,
             )
-        for start_m in range(mid, Nq, BLOCK_M):
+        for start_m in range(mid, hi_m, BLOCK_M):
             dk, dv, db_acc = _kv_tile(
                 q_base, do_base, sq_m, sq_d, sdo_m, sdo_d, RowM, RowL, Delta, RangeA, RangeB, RangeC, IdxMin,
                 IdxMax, DA,
                 DB, RowA, RowB, dq_base, DBias, sdb_b, sdb_h, sdb_m, sdb_n, stat_base, start_m, offs_m0, offs_n,
                 offs_d, offs_dv, n_ok, pid_n, k, v, dk, dv, db_acc, D, DV, off_b, off_h, Nq, Nk, scale, eps,
                 Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, seed_lo, seed_hi, drop_thr, drop_scale,
-                IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI,
+                Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap, seed_lo, seed_hi,
+                drop_thr, drop_scale,
+                IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP,
                 BIAS_GRAD, DB_BCAST_M, DB_BCAST_N, DB_ATOMIC, HAS_DROPOUT, ATOMIC_DQ, NEED_DQ, NEED_KV, DOT_PREC,
                 True,
             )
@@ -674,10 +748,11 @@ def _dq_tile(
     q, do, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
     m2, il, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
     Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
+    Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap,
     stat, seed_lo, seed_hi, drop_thr, drop_scale,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, FULL: tl.constexpr,
 ):
     """One key block of the dq kernel: accumulate ``dq`` and the exact row sums of the range correction."""
@@ -689,11 +764,11 @@ def _dq_tile(
                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     rm = offs_m[:, None]
     cn = offs_n[None, :]
-    s, vis = _scores(
+    s, vis, dcap = _scores(
         tl.dot(q, tl.trans(k), input_precision=DOT_PREC), rm, cn, off_b, off_h, Nq, Nk, scale,
         Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h,
-        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, FULL,
+        Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap,
+        IS_CAUSAL, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP, FULL,
     )
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     keep = vis
@@ -701,8 +776,11 @@ def _dq_tile(
         keep = _dropout_keep(stat.to(tl.int64)[:, None], cn, Nk, seed_lo, seed_hi, drop_thr)
     wd, ds, e, dp, w, at_min, at_max = _ds(
         s, vis, dp, m2[:, None], il[:, None], delta[:, None], ra[:, None], rb[:, None], rc[:, None], i_min[:, None],
-        i_max[:, None], cn, eps, keep, drop_scale, NORMALIZE, RANGE_GRAD, HAS_DROPOUT, HAS_KEEP, FULL,
+        i_max[:, None], cn, eps, keep, drop_scale, NORMALIZE, RANGE_GRAD, HAS_DROPOUT, HAS_KEEP,
+        HAS_WINDOW, FULL,
     )
+    if HAS_SOFTCAP:
+        ds = ds * dcap
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     if RANGE_GRAD:
         r_a += il * tl.sum(tl.where(at_min, 0.0, e * dp), 1)
@@ -730,6 +808,22 @@ def _gather_keys(dq, da, db, i_min, i_max, k_base, sk_n, sk_d, offs_d, m_ok, D):
     return dq + da[:, None] * k_min + db[:, None] * k_max
 
 
+@triton.jit
+def _capped_terms(q, da, db, i_min, i_max, k_base, sk_n, sk_d, offs_d, m_ok, D, scale, cap):
+    """Soft-capping: ``da``, ``db`` times ``1 - tanh^2`` of the capped product at each row's arg-min / arg-max key
+    (what the range terms contribute to ``dq`` and ``dk``; the bias gradient takes them unscaled). ``q``: the rows'
+    queries ``(BLOCK_M, BLOCK_D)``; the two products are recomputed in float32."""
+    d_ok = offs_d[None, :] < D
+    qf = q.to(tl.float32)
+    k_min = tl.load(k_base + i_min[:, None] * sk_n + offs_d[None, :] * sk_d,
+                    mask=(m_ok & (da != 0.0))[:, None] & d_ok, other=0.0).to(tl.float32)
+    k_max = tl.load(k_base + i_max[:, None] * sk_n + offs_d[None, :] * sk_d,
+                    mask=(m_ok & (db != 0.0))[:, None] & d_ok, other=0.0).to(tl.float32)
+    _, g_min = _tanh_grad(tl.sum(qf * k_min, 1) * scale / cap)
+    _, g_max = _tanh_grad(tl.sum(qf * k_max, 1) * scale / cap)
+    return da * g_min, db * g_max
+
+
 @triton.jit(do_not_specialize=_DROPOUT_ARGS)
 def sa_bwd_dq(
     Q, K, V, DO, RowM, RowL, Delta, RangeA, RangeB, RangeC, IdxMin, IdxMax, DA, DB, DQ,
@@ -743,9 +837,10 @@ def sa_bwd_dq(
     sma_b, sma_h, sma_m, sma_n,
     sbi_b, sbi_h, sbi_m, sbi_n,
     ssl_b, ssl_h,
-    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, drop_thr, drop_scale,
+    H, G, Nq, Nk, D, DV, scale, eps, N_BUCKET, drop_thr, drop_scale, win_left, win_right, cap,
     IS_CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, RANGE_GRAD: tl.constexpr,
     HAS_KEEP: tl.constexpr, HAS_MADD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, NEED_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -776,27 +871,34 @@ def sa_bwd_dq(
     v_base = V + off_b * sv_b + off_hkv * sv_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_hi, hi = _row_range(start_m, Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for start_n in range(0, full_hi, BLOCK_N):
+    lo, full_hi, hi = _row_range(start_m, Nq, Nk, win_left, win_right, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    mid = tl.maximum(lo, full_hi)
+    for start_n in range(lo, full_hi, BLOCK_N):
         dq, r_a, r_b = _dq_tile(
             q, do, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
             m2, il, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
             Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, stat, seed_lo, seed_hi, drop_thr, drop_scale,
-            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, True,
+            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap, stat, seed_lo, seed_hi,
+            drop_thr, drop_scale,
+            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP,
+            HAS_DROPOUT, DOT_PREC, True,
         )
-    for start_n in range(full_hi, hi, BLOCK_N):
+    for start_n in range(mid, hi, BLOCK_N):
         dq, r_a, r_b = _dq_tile(
             q, do, k_base, v_base, sk_n, sk_d, sv_n, sv_d, start_n, offs_n0, offs_m, offs_d, offs_dv, D, DV,
             m2, il, delta, ra, rb, rc, i_min, i_max, eps, dq, r_a, r_b, off_b, off_h, Nq, Nk, scale,
             Keep, skp_b, skp_h, skp_m, skp_n, MaskAdd, sma_b, sma_h, sma_m, sma_n,
-            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, stat, seed_lo, seed_hi, drop_thr, drop_scale,
-            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DOT_PREC, False,
+            Bias, sbi_b, sbi_h, sbi_m, sbi_n, Slopes, ssl_b, ssl_h, win_left, win_right, cap, stat, seed_lo, seed_hi,
+            drop_thr, drop_scale,
+            IS_CAUSAL, NORMALIZE, RANGE_GRAD, HAS_KEEP, HAS_MADD, HAS_BIAS, HAS_ALIBI, HAS_WINDOW, HAS_SOFTCAP,
+            HAS_DROPOUT, DOT_PREC, False,
         )
     if RANGE_GRAD:
         da, db = _range_terms(delta, ra, rb, rc, r_a, r_b)
         tl.store(DA + stat, da, mask=m_ok)
         tl.store(DB + stat, db, mask=m_ok)
+        if HAS_SOFTCAP:
+            da, db = _capped_terms(q, da, db, i_min, i_max, k_base, sk_n, sk_d, offs_d, m_ok, D, scale, cap)
         dq = _gather_keys(dq, da, db, i_min, i_max, k_base, sk_n, sk_d, offs_d, m_ok, D)
     if NEED_DQ:
         tl.store(DQ + off_b * sdq_b + off_h * sdq_h + offs_m[:, None] * sdq_m + offs_d[None, :] * sdq_d,
@@ -811,9 +913,9 @@ def sa_bwd_post(
     sdq_b, sdq_h, sdq_m, sdq_d,
     sdk_b, sdk_h, sdk_n, sdk_d,
     sdb_b, sdb_h, sdb_m, sdb_n,
-    H, G, Nq, D, scale,
+    H, G, Nq, D, scale, cap,
     RANGE_GRAD: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Fast path, after ``sa_bwd_kv``: ``dq = scale * acc`` in the output dtype, plus (range gradient) the sparse
     correction at each row's arg-min/arg-max key: ``dq_i += scale (da k_argmin + db k_argmax)``, and by atomics
@@ -837,16 +939,23 @@ def sa_bwd_post(
         r_b = tl.load(RowB + stat, mask=m_ok, other=0.0)
         da, db = _range_terms(delta, ra, rb, rc, r_a, r_b)
         k_base = K + off_b * sk_b + off_hkv * sk_h
-        if NEED_DQ:
-            dq = _gather_keys(dq, da, db, i_min, i_max, k_base, sk_n, sk_d, offs_d, m_ok, D)
-        if NEED_DK:
+        q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if NEED_DK or HAS_SOFTCAP:
             q = tl.load(Q + off_b * sq_b + off_h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
-                        mask=md, other=0.0).to(tl.float32) * scale
+                        mask=md, other=0.0).to(tl.float32)
+        da_qk = da  # what reaches the product q.k (soft-capping scales it; the bias takes da, db)
+        db_qk = db
+        if HAS_SOFTCAP:
+            da_qk, db_qk = _capped_terms(q, da, db, i_min, i_max, k_base, sk_n, sk_d, offs_d, m_ok, D, scale, cap)
+        if NEED_DQ:
+            dq = _gather_keys(dq, da_qk, db_qk, i_min, i_max, k_base, sk_n, sk_d, offs_d, m_ok, D)
+        if NEED_DK:
+            q = q * scale
             dk_base = DK + off_b * sdk_b + off_hkv * sdk_h
-            tl.atomic_add(dk_base + i_min[:, None] * sdk_n + offs_d[None, :] * sdk_d, da[:, None] * q,
-                          mask=md & (da != 0.0)[:, None], sem="relaxed")
-            tl.atomic_add(dk_base + i_max[:, None] * sdk_n + offs_d[None, :] * sdk_d, db[:, None] * q,
-                          mask=md & (db != 0.0)[:, None], sem="relaxed")
+            tl.atomic_add(dk_base + i_min[:, None] * sdk_n + offs_d[None, :] * sdk_d, da_qk[:, None] * q,
+                          mask=md & (da_qk != 0.0)[:, None], sem="relaxed")
+            tl.atomic_add(dk_base + i_max[:, None] * sdk_n + offs_d[None, :] * sdk_d, db_qk[:, None] * q,
+                          mask=md & (db_qk != 0.0)[:, None], sem="relaxed")
         if BIAS_GRAD:
             db_base = DBias + off_b * sdb_b + off_h * sdb_h + offs_m * sdb_m
             tl.atomic_add(db_base + i_min * sdb_n, da, mask=m_ok & (da != 0.0), sem="relaxed")

@@ -1,7 +1,8 @@
 """A safety net for the Triton kernel on a GPU it has not met: check each kind of call once before trusting it.
 
 The first Triton call of each *kind* (dtype, padded head dims, and the feature set: causal, normalized form and
-range mode, bool mask, float mask, bias and its gradient, ALiBi, dropout, grouped-query heads, backward path)
+range mode, bool mask, float mask, bias and its gradient, ALiBi, window, soft-capping, dropout, grouped-query heads,
+backward path)
 runs the kernel on a tiny problem with the same features and compares its output and gradients with the chunked
 backend (the accuracy rule of ``docs/contract.md``: at most 2x the chunked backend's own error against float64, plus
 a rounding floor). A compile error or a mismatch makes :func:`reason` return why, for that kind, for the rest of the
@@ -62,12 +63,13 @@ def kind_of(inp: AttentionInputs) -> tuple:
 
     return (str(inp.q.device), inp.q.dtype, block_dim(inp.q.shape[-1]), block_dim(inp.v.shape[-1]),
             inp.is_causal, inp.normalize, inp.detach_range, inp.keep is not None and inp.mask_add is None,
-            inp.mask_add is not None, inp.bias is not None, inp.alibi_slopes is not None, inp.dropout_p > 0,
-            inp.groups > 1, _needs(inp), deterministic())
+            inp.mask_add is not None, inp.bias is not None, inp.alibi_slopes is not None, inp.window is not None,
+            inp.softcap is not None, inp.dropout_p > 0, inp.groups > 1, _needs(inp), deterministic())
 
 
 _NAMES = ("device", "dtype", "head dim", "value head dim", "causal", "normalize", "detach_range", "bool mask",
-          "float mask", "bias", "alibi", "dropout", "gqa", "gradients of (q, k, v, bias)", "deterministic")
+          "float mask", "bias", "alibi", "window",
+          "softcap", "dropout", "gqa", "gradients of (q, k, v, bias)", "deterministic")
 
 
 def clear() -> None:
@@ -126,6 +128,10 @@ def _problem(inp: AttentionInputs, n: int, dtype: torch.dtype) -> tuple[list[Ten
         leaves.append(randn(1, hq, n, n, std=0.7))
     if inp.alibi_slopes is not None:
         kw["alibi_slopes"] = torch.tensor([0.5, 0.125][:hq], device=dev)
+    if inp.window is not None:  # the same bounded sides, short enough that rows skip key blocks of the problem
+        kw["window"] = tuple(-1 if side < 0 else min(side, n // 3) for side in inp.window)
+    if inp.softcap is not None:
+        kw["softcap"] = 2.0
     return leaves, kw
 
 
