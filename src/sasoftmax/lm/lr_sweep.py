@@ -90,11 +90,21 @@ def lr_sensitivity(points: Sequence[SweepPoint]) -> float:
     return statistics.fmean(capped) - min(p.loss for p in points)
 
 
+def _order(setting: str) -> tuple[str, int, str]:
+    """Settings grouped by their other axes, softmax first within a group."""
+    norm, _, rest = setting.partition(", ")
+    return (rest, 0 if norm == "softmax" else 1, norm)
+
+
 def _by(points: Sequence[SweepPoint]) -> dict[str, dict[Any, list[SweepPoint]]]:
     out: dict[str, dict[Any, list[SweepPoint]]] = {}
-    for p in points:
+    for p in sorted(points, key=lambda p: _order(p.setting)):
         out.setdefault(p.setting, {}).setdefault(p.seed, []).append(p)
     return out
+
+
+def _colors(points: Sequence[SweepPoint]) -> dict[str, str]:
+    return {s: f"C{i % 10}" for i, s in enumerate(_by(points))}
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -118,6 +128,7 @@ def _save(fig, path: Path) -> Path:
 
 def _plot_sweep(points: Sequence[SweepPoint], out: Path) -> Path:
     fig, (ax,) = _figure()
+    colors = _colors(points)
     for setting, seeds in _by(points).items():
         lrs = sorted({p.lr for ps in seeds.values() for p in ps})
         mean, low, high = [], [], []
@@ -126,7 +137,7 @@ def _plot_sweep(points: Sequence[SweepPoint], out: Path) -> Path:
             mean.append(statistics.fmean(vals))
             low.append(mean[-1] - min(vals))
             high.append(max(vals) - mean[-1])
-        ax.errorbar(lrs, mean, yerr=[low, high], marker="o", capsize=3, label=setting)
+        ax.errorbar(lrs, mean, yerr=[low, high], marker="o", capsize=3, label=setting, color=colors[setting])
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final validation loss (diverged = loss at init)")
@@ -140,10 +151,10 @@ def _plot_max_logit(points: Sequence[SweepPoint], lrs: Sequence[float], out: Pat
     if not chosen:
         return None
     fig, axes = _figure(len(lrs), width=5.0, height=4.0)
-    colors = {s: f"C{i % 10}" for i, s in enumerate(sorted({p.setting for p in points}))}
+    colors = _colors(points)
     for ax, lr in zip(axes, lrs, strict=True):
         labelled = set()
-        for p in sorted(chosen, key=lambda p: (p.setting, str(p.seed))):
+        for p in sorted(chosen, key=lambda p: (_order(p.setting), str(p.seed))):
             if p.lr != lr:
                 continue
             steps, values = zip(*p.max_logit, strict=True)
