@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 
@@ -198,6 +199,13 @@ def test_tiny_grid_end_to_end_then_skip_and_resume(tmp_path, capsys):
     again = run_grid(load_grid(path, overrides=["threads=2"]), quiet=True)
     assert again["skipped"] == full["trained"] and again["trained"] == [] and again["evaluated"] == []
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*") if p.is_file()} == mtimes
+    # the same corpus named by a relative path (another session's --var) is the same run; another file is not
+    relative = os.path.relpath(tmp_path / "corpus.txt")
+    moved = run_grid(load_grid(path, overrides=[f"data.source={relative}"]), quiet=True)
+    assert moved["skipped"] == full["trained"] and moved["trained"] == []
+    (tmp_path / "other.txt").write_text(TEXT)
+    with pytest.raises(GridError, match="different training config"):
+        run_grid(load_grid(path, overrides=[f"data.source={tmp_path / 'other.txt'}"]), quiet=True)
 
     # 4) a different evaluation re-evaluates without training; a different training config is refused
     spec = path.read_text().replace("multipliers = [1, 2]", "multipliers = [1]")

@@ -34,14 +34,30 @@ NON_SEMANTIC_KEYS = (
 result still matches the grid (so e.g. ``--set threads=4`` or a moved grid directory does not retrain)."""
 
 
+def _same_files(source: Any) -> Any:
+    """``data.source`` with each comma-separated entry that names an existing file or folder resolved, so that a
+    corpus passed as ``../shared/x.txt`` in one session and ``/work/shared/x.txt`` in the next is the same source.
+    Other entries (``stdlib``, ``hf:...``, globs, paths absent here) stay as written."""
+    if not isinstance(source, str) or source == "stdlib" or source.startswith("hf:"):
+        return source
+    parts = []
+    for part in source.split(","):
+        path = Path(part.strip()).expanduser()
+        parts.append(str(path.resolve()) if path.exists() else part.strip())
+    return ",".join(parts)
+
+
 def _semantic(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (a ``TrainConfig.to_dict()``) without :data:`NON_SEMANTIC_KEYS`, JSON-normalized."""
+    """``config`` (a ``TrainConfig.to_dict()``) without :data:`NON_SEMANTIC_KEYS`, JSON-normalized, local corpus
+    paths resolved."""
     d = json.loads(json.dumps(config))
     for key in NON_SEMANTIC_KEYS:
         if key.startswith("data."):
             d.get("data", {}).pop(key[5:], None)
         else:
             d.pop(key, None)
+    if isinstance(d.get("data"), dict) and "source" in d["data"]:
+        d["data"]["source"] = _same_files(d["data"]["source"])
     return d
 
 
