@@ -34,8 +34,9 @@ def _run_dir(tmp: Path, normalizer: str = "sa_softmax", positional: str = "rope"
              **model: object) -> Path:
     """A run directory with a checkpoint of a tiny byte-level GPT (random weights) and its tokenizer."""
     torch.manual_seed(seed)
-    gcfg = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                     normalizer=normalizer, positional=positional, **model)  # type: ignore[arg-type]
+    fields = {"vocab_size": 256, "block_size": 16, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32,
+              "normalizer": normalizer, "positional": positional, **model}
+    gcfg = GPTConfig(**fields)  # type: ignore[arg-type]
     model = GPT(gcfg)
     with torch.no_grad():  # make the learnable positional / normalizer parameters differ from their init
         for name, p in model.named_parameters():

@@ -88,6 +88,41 @@ def test_greedy_tokens_equal_transformers(tmp_path, kind, normalizer, extra):
     assert _vllm_tokens(path, extra) == want
 
 
+def _project_gpt(normalizer: str):
+    """The project's own GPT (RoPE, heads of 32), random weights scaled to std ~0.5 so that logits are peaked."""
+    from sasoftmax.lm.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=256, n_layer=2, n_head=4, n_embd=128,
+                          normalizer=normalizer, positional="rope")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(25.0)
+    return model
+
+
+def _project_tokens(model) -> list[list[int]]:
+    """Greedy tokens of the project's sampler (what ``sasoftmax sample --temperature 0`` runs)."""
+    from sasoftmax.lm.generate import generate
+
+    return [generate(model, torch.tensor([p]), NEW_TOKENS, temperature=0.0)[0, len(p):].tolist() for p in PROMPTS]
+
+
+def test_our_gpt_exported_as_gpt_neox_is_served_like_the_project_sampler(tmp_path):
+    """`sasoftmax export --format gpt-neox` of the project's GPT: vLLM serves it (its GPT-NeoX model code, SA
+    attention from the plugin) with the same greedy tokens as the project's own sampler."""
+    from sasoftmax.lm.hf.gpt_neox import save_gpt_neox
+
+    model = _project_gpt("sa_softmax")
+    path = save_gpt_neox(model, tmp_path / "neox")
+    want = _project_tokens(model)
+    softmax = _project_gpt("softmax")
+    softmax.load_state_dict(model.state_dict())
+    assert want != _project_tokens(softmax)  # the test can tell SA from softmax
+    assert _vllm_tokens(path, {"max_num_batched_tokens": 64}) == want
+
+
 def test_model_without_the_block_is_served_as_before(tmp_path):
     path = _tiny("llama", tmp_path / "plain")
     assert _vllm_tokens(path) == _hf_tokens(path, "sdpa")

@@ -212,14 +212,21 @@ def _export_parser(sub: Parsers) -> None:
     x = sub.add_parser("export", help="write a Hugging Face model directory (AutoModelForCausalLM, lm-eval) of a run")
     _checkpoint_arguments(x, "run directory (newest loadable checkpoint) or checkpoint file")
     x.add_argument("--out", required=True, help="new (or empty) directory to write")
+    x.add_argument("--format", default="sasoftmax", choices=["sasoftmax", "gpt-neox"],
+                   help="sasoftmax: the project's architecture (any normalizer/positional encoding); gpt-neox: a "
+                        "standard GPTNeoXForCausalLM checkpoint (RoPE or NoPE, no GQA/qk-norm) that vLLM serves")
 
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    out = export_checkpoint(args.ckpt, args.out, step=args.step, imports=tuple(args.imports))
-    print(f"wrote {out} (AutoModelForCausalLM.from_pretrained after sasoftmax.lm.hf.register(), or with "
-          "trust_remote_code=True)")
+    out = export_checkpoint(args.ckpt, args.out, step=args.step, imports=tuple(args.imports), format=args.format)
+    if args.format == "gpt-neox":
+        print(f"wrote {out} (a GPT-NeoX checkpoint: `sasoftmax serve {out}`, or transformers with "
+              "attn_implementation='sa_softmax' after sasoftmax.integrations.hf.register())")
+    else:
+        print(f"wrote {out} (AutoModelForCausalLM.from_pretrained after sasoftmax.lm.hf.register(), or with "
+              "trust_remote_code=True)")
     return 0
 
 

@@ -12,6 +12,10 @@
   is installed (and without ``trust_remote_code`` after :func:`sasoftmax.lm.hf.register`);
 * ``README.md``: what the model is and how it was trained.
 
+With ``--format gpt-neox`` the model and config are instead a standard ``GPTNeoXForCausalLM`` checkpoint (no model
+code of sasoftmax; :mod:`sasoftmax.lm.hf.gpt_neox`) that vLLM serves with the sasoftmax plugin: RoPE or NoPE models
+without grouped-query attention or qk-norm.
+
 The directory is written under a temporary name and renamed into place: an export is complete or absent.
 :func:`load_for_sampling` opens a run, a checkpoint file or an export with the project's own GPT and tokenizer.
 """
@@ -36,8 +40,8 @@ from .config import TrainConfig
 from .data import EOT, BPETokenizer, ByteTokenizer, load_token_data, load_tokenizer
 from .model import GPT, GPTConfig
 
-__all__ = ["export_checkpoint", "load_for_sampling", "sample_text", "model_config", "run_tokenizer", "hf_tokenizer",
-           "Loaded", "TOKENIZER_DIR"]
+__all__ = ["EXPORT_FORMATS", "export_checkpoint", "load_for_sampling", "sample_text", "model_config", "run_tokenizer",
+           "hf_tokenizer", "Loaded", "TOKENIZER_DIR"]
 
 TOKENIZER_DIR = "tokenizer"
 """Where a run directory keeps a copy of its tokenizer (written by the trainer)."""
@@ -100,9 +104,31 @@ def hf_tokenizer(tok: ByteTokenizer | BPETokenizer, max_length: int):
                                    model_max_length=max_length)
 
 
-def _model_card(gcfg: GPTConfig, state: dict[str, Any], source: Path) -> str:
+def _model_card(gcfg: GPTConfig, state: dict[str, Any], source: Path, format: str = "sasoftmax") -> str:
     train = state.get("train_config", {})
     data = train.get("data", {})
+    if format == "gpt-neox":
+        impl = {"softmax": "sdpa", "sa_softmax_detached": "sa_softmax"}.get(gcfg.normalizer, gcfg.normalizer)
+        usage = [
+            "A standard GPT-NeoX checkpoint (exported with `sasoftmax export --format gpt-neox`).", "",
+            "```python",
+            "import sasoftmax.integrations.hf as sa_hf; sa_hf.register()",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'model = AutoModelForCausalLM.from_pretrained(DIR, attn_implementation="{impl}")',
+            "```", "",
+            "Serve it with vLLM and the sasoftmax plugin: `sasoftmax serve DIR` (see docs/serving.md of sasoftmax); "
+            "the `sasoftmax` block of config.json tells the plugin the attention form.", "",
+        ]
+    else:
+        usage = [
+            "```python",
+            "from sasoftmax.lm.hf import register; register()  # the model with transformers' Auto classes",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained(DIR)   # or trust_remote_code=True without register()",
+            "tokenizer = AutoTokenizer.from_pretrained(DIR)",
+            "```", "",
+            "No position table: the model runs on sequences longer than its training length.", "",
+        ]
     return "\n".join([
         f"# sasoftmax GPT: {gcfg.normalizer}, {gcfg.positional}", "",
         f"A decoder-only GPT trained with [sasoftmax](https://arxiv.org/abs/2502.18277) (attention normalizer "
@@ -110,35 +136,42 @@ def _model_card(gcfg: GPTConfig, state: dict[str, Any], source: Path) -> str:
         f"{gcfg.n_head} heads, vocabulary {gcfg.vocab_size}, trained at length {gcfg.block_size} for "
         f"{state.get('step')} steps on `{data.get('source')}` ({data.get('tokenizer')} tokenizer); exported from "
         f"`{source}`.", "",
-        "```python",
-        "from sasoftmax.lm.hf import register; register()  # the model with transformers' Auto classes",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(DIR)   # or trust_remote_code=True without register()",
-        "tokenizer = AutoTokenizer.from_pretrained(DIR)",
-        "```", "",
-        "No position table: the model runs on sequences longer than its training length.", "",
+        *usage,
     ])
 
 
+EXPORT_FORMATS = ("sasoftmax", "gpt-neox")
+"""``sasoftmax``: the project's own architecture (every normalizer and positional encoding; loading needs sasoftmax).
+``gpt-neox``: a standard ``GPTNeoXForCausalLM`` checkpoint (RoPE or NoPE, no GQA, no qk-norm; softmax or SA), which
+vLLM serves with the sasoftmax plugin (:mod:`sasoftmax.lm.hf.gpt_neox`)."""
+
+
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
-                      imports: list[str] | tuple[str, ...] = ()) -> Path:
+                      imports: list[str] | tuple[str, ...] = (), format: str = "sasoftmax") -> Path:
     """Write the Hugging Face directory of a run's checkpoint (see the module docstring); returns ``out``.
 
     ``imports``: modules that register custom normalizers/positional encodings; recorded in the config so that
-    loading imports them too. ``FileExistsError`` when ``out`` exists and is not empty."""
+    loading imports them too. ``format``: one of :data:`EXPORT_FORMATS`. ``FileExistsError`` when ``out`` exists and
+    is not empty; ``ValueError`` for a model the format cannot express (naming the field)."""
     from .hf import SAGPTConfig, SAGPTForCausalLM
+    from .hf.gpt_neox import gpt_neox_unsupported, save_gpt_neox
 
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"--format {format!r}: expected one of {list(EXPORT_FORMATS)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not an empty directory")
     path, state = load_run(ckpt, step)
     gcfg = dataclasses.replace(model_config(state, imports), attn_backend="auto")  # the device's best, wherever loaded
+    if format == "gpt-neox" and (reason := gpt_neox_unsupported(gcfg)) is not None:
+        raise ValueError(f"--format gpt-neox: this model has no GPT-NeoX form: {reason}")
     tok = run_tokenizer(path.parent, state)
     if tok.vocab_size != gcfg.vocab_size:
         raise ValueError(f"the run's tokenizer has {tok.vocab_size} tokens but the model {gcfg.vocab_size}")
     tokenizer = hf_tokenizer(tok, max_length=16 * gcfg.block_size)
-    config = SAGPTConfig.from_gpt(gcfg, sasoftmax_imports=list(imports), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    token_ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                 "pad_token_id": tokenizer.pad_token_id}
+    config = SAGPTConfig.from_gpt(gcfg, sasoftmax_imports=list(imports), **token_ids,
                                   auto_map={"AutoConfig": "configuration_sasoftmax.SAGPTConfig",
                                             "AutoModelForCausalLM": "modeling_sasoftmax.SAGPTForCausalLM"})
     model = SAGPTForCausalLM(config)
@@ -147,11 +180,15 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, step: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
+        if format == "gpt-neox":
+            save_gpt_neox(model.transformer, tmp, **token_ids)
+            model.generation_config.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+            for name in ("configuration_sasoftmax.py", "modeling_sasoftmax.py"):
+                (tmp / name).write_text(_SHIM)
         tokenizer.save_pretrained(tmp)
-        for name in ("configuration_sasoftmax.py", "modeling_sasoftmax.py"):
-            (tmp / name).write_text(_SHIM)
-        (tmp / "README.md").write_text(_model_card(gcfg, state, path))
+        (tmp / "README.md").write_text(_model_card(gcfg, state, path, format))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
