@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,13 +33,21 @@ PROMPTS = [[1, 2, 3, 4, 5], list(range(10, 50)), [7] * 13, list(range(100, 200, 
 VOCAB = 256
 
 
-def _tiny(kind: str, path: Path) -> Path:
+def _tiny(kind: str, path: Path, seed: int = 0) -> Path:
     common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
               "initializer_range": 0.5}
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(head_dim=32, **common))
+    elif kind == "mistral":  # a sliding window shorter than most prompts
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(head_dim=32, sliding_window=12, **common))
+    elif kind == "gemma2":  # soft-capped attention logits, alternating sliding-window and global layers
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            head_dim=32, sliding_window=12, attn_logit_softcapping=2.0, final_logit_softcapping=None,
+            query_pre_attn_scalar=32, **common))
+        with torch.no_grad():  # Gemma scales embeddings by sqrt(width); smaller ones let attention steer the tokens
+            model.model.embed_tokens.weight.mul_(0.1)
     else:
         # heads of 32 (vLLM's CPU kernels start at 32), 2 query heads per key/value head
         common.update(num_attention_heads=2, num_key_value_heads=1)
@@ -121,6 +130,26 @@ def test_our_gpt_exported_as_gpt_neox_is_served_like_the_project_sampler(tmp_pat
     softmax.load_state_dict(model.state_dict())
     assert want != _project_tokens(softmax)  # the test can tell SA from softmax
     assert _vllm_tokens(path, {"max_num_batched_tokens": 64}) == want
+
+
+@pytest.mark.parametrize(("kind", "feature", "off"), [
+    ("mistral", "sliding_window", None),          # a 12-token window, prompts of up to 150 tokens
+    ("gemma2", "attn_logit_softcapping", None),   # soft-capped logits (and alternating 12-token windows)
+    ("gemma2", "sliding_window", 4096),
+])
+def test_windows_and_soft_capping_are_served(tmp_path, kind, feature, off):
+    path = _tiny(kind, tmp_path / kind, seed=1)
+    mark_sa(path)
+    want = _hf_tokens(path, "sa_softmax")
+    assert want != _hf_tokens(path, "sdpa")
+    # the feature changes the tokens, so a backend that dropped it would fail
+    plain = tmp_path / f"{kind}_without"
+    shutil.copytree(path, plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg[feature] = off
+    (plain / "config.json").write_text(json.dumps(cfg))
+    assert _hf_tokens(plain, "sa_softmax") != want
+    assert _vllm_tokens(path) == want
 
 
 def test_model_without_the_block_is_served_as_before(tmp_path):
