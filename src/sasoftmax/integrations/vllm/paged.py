@@ -1,0 +1,137 @@
+"""SA-Softmax attention over vLLM's paged KV cache, shared by the CPU and the GPU backend.
+
+Both vLLM backends this package extends (``CPU_ATTN`` and ``TRITON_ATTN``, vLLM 0.32) give each layer a cache of shape
+``(num_blocks, Hkv, block_size, 2 * D)``; for SA models this module owns what a slot holds: ``[key | value]`` (keys in
+``[..., :D]``, values in ``[..., D:]``), so the history of a request is one ``index_select`` of whole rows. Queries
+are packed ``(num_tokens, Hq, D)``; request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]`` and has
+``seq_lens[i]`` tokens in the cache (its new ones included), in the blocks of ``block_table[i]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...attention import sa_attention
+from . import _hf_block, sa_options
+
+__all__ = ["SAPagedAttention"]
+
+
+class SAPagedAttention:
+    """Mixin placed before a vLLM attention implementation: ``self.sa`` holds the ``sa_attention`` options of an SA
+    model, None for any other model, whose calls go to vLLM's implementation unchanged."""
+
+    sa: dict[str, Any] | None
+    window: tuple[int, int] | None
+    softcap: float | None
+    num_heads: int
+    scale: float
+    alibi_slopes: Tensor | None
+
+    def _sa_setup(self, vllm_config: Any, *, is_decoder: bool, window: int | None, softcap: float | None,
+                  refused: list[str]) -> None:
+        """Read the model's ``sasoftmax`` block; ``window``: vLLM's sliding window in tokens (it counts the query
+        itself, so N = the query and the N - 1 keys before it) or None. ``ValueError`` for an SA model that needs
+        what the backend lacks (``refused``: what the caller found, e.g. attention sinks)."""
+        self.sa = sa_options(_hf_block(vllm_config))
+        if self.sa is None:
+            return
+        missing = list(refused)
+        if not is_decoder:
+            missing.insert(0, "non-decoder attention (decoder self-attention only)")
+        if missing:
+            raise ValueError("sasoftmax vLLM backend: this SA model needs " + ", ".join(missing)
+                             + ", which the SA backend does not support")
+        self.window = None if window is None or window < 1 else (window - 1, 0)
+        self.softcap = float(softcap) if softcap else None
+
+    # vLLM's entry points: the SA path for SA models, vLLM's own implementation (next in the MRO) otherwise.
+    def do_kv_cache_update(self, layer: Any, key: Tensor, value: Tensor, kv_cache: Tensor,
+                           slot_mapping: Tensor) -> None:
+        if self.sa is None:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)  # type: ignore[misc]
+        self._sa_cache_update(key, value, kv_cache, slot_mapping)
+
+    def forward(self, layer: Any, query: Tensor, key: Tensor, value: Tensor, kv_cache: Tensor,
+                attn_metadata: Any, output: Tensor, output_scale: Tensor | None = None,
+                output_block_scale: Tensor | None = None) -> Tensor:
+        if self.sa is None:
+            return super().forward(layer, query, key, value, kv_cache,  # type: ignore[misc]
+                                   attn_metadata, output, output_scale, output_block_scale)
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("sasoftmax vLLM backend: fused output quantization is not supported")
+        return self._sa_forward(query, kv_cache, attn_metadata, output)
+
+    def _sa_cache_update(self, key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+        block_size = kv_cache.shape[2]
+        n = slot_mapping.shape[0]
+        slots = slot_mapping.long()
+        keep = slots >= 0  # padded tokens carry slot -1
+        slots = slots[keep]
+        rows = torch.cat([key[:n][keep], value[:n][keep]], dim=-1).to(kv_cache.dtype)  # (n, Hkv, 2D)
+        kv_cache[slots // block_size, :, slots % block_size] = rows
+
+    def _sa_forward(self, query: Tensor, kv_cache: Tensor, attn_metadata: Any, output: Tensor) -> Tensor:
+        if attn_metadata is None:  # warm-up
+            return output
+        if getattr(attn_metadata, "dynamic_causal", None) is not None:
+            raise NotImplementedError("sasoftmax vLLM backend: per-request causality is not supported")
+        causal = attn_metadata.causal
+        if isinstance(causal, Tensor):
+            if not bool(causal.all()):
+                raise NotImplementedError("sasoftmax vLLM backend: per-request causality is not supported")
+            causal = True
+        starts = attn_metadata.query_start_loc.tolist()
+        seq_lens = attn_metadata.seq_lens.tolist()
+        out = output.view(output.shape[0], self.num_heads, -1)
+        # Window and ALiBi distances count from each request's own last position, so only plain decodes batch.
+        together = self.window is None and self.alibi_slopes is None
+        decodes = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1] if together else []
+        with torch.inference_mode():
+            if len(decodes) > 1:
+                self._decode_together(decodes, starts, query, kv_cache, attn_metadata, out)
+            done = set(decodes) if len(decodes) > 1 else set()
+            for i, seq_len in enumerate(seq_lens):
+                q0, q1 = starts[i], starts[i + 1]
+                if q1 == q0 or i in done:
+                    continue
+                k, v = self._history(kv_cache, attn_metadata.block_table[i : i + 1], seq_len)
+                res = self._attend(query[q0:q1].transpose(0, 1)[None], k, v, None, bool(causal))
+                out[q0:q1] = res[0].transpose(0, 1).to(out.dtype)
+        return output
+
+    def _history(self, kv_cache: Tensor, block_table: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Keys and values ``(R, Hkv, length, D)`` of the ``R`` requests whose block-table rows are given."""
+        num_blocks, heads, block_size, two_d = kv_cache.shape
+        n_blocks = -(-length // block_size)
+        blocks = block_table[:, :n_blocks].long()
+        if n_blocks == 1:  # read only the filled slots
+            kv = kv_cache[:, :, :length].index_select(0, blocks.flatten())
+        else:
+            kv = kv_cache.index_select(0, blocks.flatten()).view(-1, n_blocks, heads, block_size, two_d)
+            kv = kv.transpose(1, 2).flatten(2, 3)[:, :, :length]
+        return kv[..., : two_d // 2], kv[..., two_d // 2 :]
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        assert self.sa is not None
+        slopes = None if self.alibi_slopes is None else self.alibi_slopes.to(q.device)
+        return sa_attention(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal=causal, scale=self.scale,
+                            window=self.window, softcap=self.softcap, alibi_slopes=slopes, **self.sa)
+
+    def _decode_together(self, rows: list[int], starts: list[int], query: Tensor, kv_cache: Tensor,
+                         attn_metadata: Any, out: Tensor) -> None:
+        """One call for every request that decodes one token this step: histories padded to the longest, the
+        padding masked out (a one-token query at the end of its history sees all of it)."""
+        device = query.device
+        idx = torch.tensor(rows, device=device)
+        lens = attn_metadata.seq_lens.to(device)[idx].long()
+        longest = int(lens.max())
+        k, v = self._history(kv_cache, attn_metadata.block_table.to(device)[idx], longest)
+        tokens = torch.tensor([starts[i] for i in rows], device=device)
+        q = query[tokens][:, :, None]  # (R, Hq, 1, D)
+        visible = torch.arange(longest, device=device)[None, :] < lens[:, None]  # (R, longest)
+        res = self._attend(q, k, v, visible[:, None, None, :], False)  # (R, Hq, 1, Dv)
+        out[tokens] = res[:, :, 0].to(out.dtype)
