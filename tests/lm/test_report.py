@@ -135,6 +135,8 @@ def test_report_summary_plots(tmp_path, capsys):
     grid = _grid(tmp_path)
     assert main(["report", str(grid), "--out", str(tmp_path / "s"), "--plots", "summary"]) == 0
     text = (tmp_path / "s" / "report.md").read_text()
+    n_runs = len(list(grid.glob("runs/*/result.json")))
+    assert f"Runs were trained on: test-machine ({n_runs} runs)." in text  # machines with their run counts
     pngs = {p.name for p in (tmp_path / "s").glob("*.png")}
     assert {"train_loss_L16.png", "ppl_alibi_L16.png", "diag_score_grad_norm.png"} <= pngs
     assert "diag_max_weight.png" not in pngs and not any(n.endswith("_layers.png") for n in pngs)

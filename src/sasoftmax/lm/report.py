@@ -31,6 +31,7 @@ import platform
 import re
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,12 +360,15 @@ def _header(data: GridData) -> list[str]:
             return "not installed"
 
     now = utc_now()
-    machines = sorted({r.platform for r in data.runs if r.platform})
-    lines = [f"# Grid report: {data.directory.resolve().name}", "",
+    machines = Counter(r.platform or "not recorded" for r in data.runs)
+    grid_file = (data.grid or {}).get("source")
+    name = Path(str(grid_file)).stem if grid_file else data.directory.resolve().name
+    lines = [f"# Grid report: {name}", "",
              f"Generated {now} on {platform.platform()} (Python {platform.python_version()}, torch {ver('torch')}, "
              f"matplotlib {ver('matplotlib')}) from `{data.directory}`.", ""]
-    if machines:
-        lines += [f"Runs were trained on: {'; '.join(machines)}.", ""]
+    if data.runs:
+        where = "; ".join(f"{m} ({n} run{'s' if n > 1 else ''})" for m, n in sorted(machines.items()))
+        lines += [f"Runs were trained on: {where}.", ""]
     lines += ["All numbers below are read from the runs' `result.json` and `metrics.jsonl` files; the report only "
               "computes means, standard deviations (over the runs of a cell, i.e. seeds), ratios, and the smoothing "
               "of plotted training curves.", ""]
