@@ -15,9 +15,10 @@ import os
 # optional package -> the test files that need it
 OPTIONAL = {
     "triton": ["core/test_triton.py", "gpu/test_triton_gpu.py"],
-    "transformers": ["integrations/test_hf.py", "lm/test_export.py"],
+    "transformers": ["integrations/test_hf.py", "lm/test_export.py", "lm/test_export_gpt_neox.py"],
     "torchtitan": ["integrations/test_torchtitan.py"],
-    "vllm": ["serve/test_vllm.py"],  # vLLM lives in .venv-serve: scripts/test.sh runs tests/serve there
+    # vLLM lives in .venv-serve: scripts/test.sh runs tests/serve there
+    "vllm": ["serve/test_vllm.py", "serve/test_vllm_paged.py"],
 }
 _MISSING = {pkg: files for pkg, files in OPTIONAL.items() if importlib.util.find_spec(pkg) is None}
 collect_ignore = [path for files in _MISSING.values() for path in files]

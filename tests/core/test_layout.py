@@ -23,7 +23,7 @@ MANY_PARAMETERS = {
     "lm/hf/config.py:__init__",  # a transformers config: its fields are keyword arguments
     "integrations/hf.py:sa_attention_forward",  # transformers' attention-function signature + the SA options
     "integrations/torch.py:sa_sdpa",  # F.scaled_dot_product_attention's signature + the SA options
-    "integrations/vllm/cpu.py:forward",  # vLLM's AttentionImpl.forward signature
+    "integrations/vllm/paged.py:forward",  # vLLM's AttentionImpl.forward signature
     "attention/backends/triton/__init__.py:launch_plan",  # the shape numbers of one call, for the launch-plan unit test
 }
 MAX_LINES, MAX_PARAMS = 80, 8
