@@ -15,9 +15,11 @@ The block, written by ``sasoftmax export --format gpt-neox`` and by ``sasoftmax 
 ``detach_range`` changes only gradients, so it is accepted and ignored here (serving computes no gradient).
 
 Attention for SA models: the new keys and values are written into the paged cache in a plain layout (block, kv head,
-slot, dim) — the SA path never uses vLLM's ISA-specific cache kernels; each request's keys and values are read from
-its blocks and attended with :func:`sasoftmax.sa_attention` (causal, bottom-right aligned, so chunked prefill and
-decode are the same call), with the layer's sliding window, soft-cap and ALiBi slopes.
+slot, dim) — the SA path never uses vLLM's ISA-specific cache kernels. Requests that decode one token are attended
+together by :func:`sasoftmax.attention.sa_paged_decode` (on CPU the fused kernel, reading the pages in place); a
+prefill (or a chunk of one) reads its request's keys and values from its blocks and is attended with
+:func:`sasoftmax.sa_attention` (causal, bottom-right aligned); both with the layer's sliding window, soft-cap and
+ALiBi slopes.
 """
 
 from __future__ import annotations

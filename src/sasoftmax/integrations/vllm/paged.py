@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ...attention import sa_attention
+from ...attention.paged import paged_history, sa_paged_decode
 from . import _hf_block, sa_options
 
 __all__ = ["SAPagedAttention"]
@@ -87,51 +88,35 @@ class SAPagedAttention:
         starts = attn_metadata.query_start_loc.tolist()
         seq_lens = attn_metadata.seq_lens.tolist()
         out = output.view(output.shape[0], self.num_heads, -1)
-        # Window and ALiBi distances count from each request's own last position, so only plain decodes batch.
-        together = self.window is None and self.alibi_slopes is None
-        decodes = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1] if together else []
+        decodes = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
         with torch.inference_mode():
-            if len(decodes) > 1:
-                self._decode_together(decodes, starts, query, kv_cache, attn_metadata, out)
-            done = set(decodes) if len(decodes) > 1 else set()
-            for i, seq_len in enumerate(seq_lens):
+            if decodes:
+                self._decode(decodes, starts, query, kv_cache, attn_metadata, out)
+            for i in sorted(set(range(len(seq_lens))) - set(decodes)):
                 q0, q1 = starts[i], starts[i + 1]
-                if q1 == q0 or i in done:
+                if q1 == q0:
                     continue
-                k, v = self._history(kv_cache, attn_metadata.block_table[i : i + 1], seq_len)
-                res = self._attend(query[q0:q1].transpose(0, 1)[None], k, v, None, bool(causal))
+                k, v = paged_history(kv_cache, attn_metadata.block_table[i : i + 1], seq_lens[i])
+                res = self._attend(query[q0:q1].transpose(0, 1)[None], k, v, bool(causal))
                 out[q0:q1] = res[0].transpose(0, 1).to(out.dtype)
         return output
 
-    def _history(self, kv_cache: Tensor, block_table: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Keys and values ``(R, Hkv, length, D)`` of the ``R`` requests whose block-table rows are given."""
-        num_blocks, heads, block_size, two_d = kv_cache.shape
-        n_blocks = -(-length // block_size)
-        blocks = block_table[:, :n_blocks].long()
-        if n_blocks == 1:  # read only the filled slots
-            kv = kv_cache[:, :, :length].index_select(0, blocks.flatten())
-        else:
-            kv = kv_cache.index_select(0, blocks.flatten()).view(-1, n_blocks, heads, block_size, two_d)
-            kv = kv.transpose(1, 2).flatten(2, 3)[:, :, :length]
-        return kv[..., : two_d // 2], kv[..., two_d // 2 :]
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
         assert self.sa is not None
         slopes = None if self.alibi_slopes is None else self.alibi_slopes.to(q.device)
-        return sa_attention(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal=causal, scale=self.scale,
+        return sa_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=self.scale,
                             window=self.window, softcap=self.softcap, alibi_slopes=slopes, **self.sa)
 
-    def _decode_together(self, rows: list[int], starts: list[int], query: Tensor, kv_cache: Tensor,
-                         attn_metadata: Any, out: Tensor) -> None:
-        """One call for every request that decodes one token this step: histories padded to the longest, the
-        padding masked out (a one-token query at the end of its history sees all of it)."""
+    def _decode(self, rows: list[int], starts: list[int], query: Tensor, kv_cache: Tensor, attn_metadata: Any,
+                out: Tensor) -> None:
+        """Every request that decodes one token this step, in one call (its query is the last of its tokens, so it
+        sees its whole history): on CPU the fused kernel reads the cache in place."""
+        assert self.sa is not None
         device = query.device
         idx = torch.tensor(rows, device=device)
-        lens = attn_metadata.seq_lens.to(device)[idx].long()
-        longest = int(lens.max())
-        k, v = self._history(kv_cache, attn_metadata.block_table.to(device)[idx], longest)
         tokens = torch.tensor([starts[i] for i in rows], device=device)
-        q = query[tokens][:, :, None]  # (R, Hq, 1, D)
-        visible = torch.arange(longest, device=device)[None, :] < lens[:, None]  # (R, longest)
-        res = self._attend(q, k, v, visible[:, None, None, :], False)  # (R, Hq, 1, Dv)
-        out[tokens] = res[:, :, 0].to(out.dtype)
+        slopes = None if self.alibi_slopes is None else self.alibi_slopes.to(device)
+        res = sa_paged_decode(query[tokens], kv_cache, attn_metadata.block_table.to(device)[idx],
+                              attn_metadata.seq_lens.to(device)[idx], scale=self.scale, window=self.window,
+                              softcap=self.softcap, alibi_slopes=slopes, **self.sa)
+        out[tokens] = res.to(out.dtype)
