@@ -14,6 +14,7 @@ in docs/results/benchmarks.md and the summary table in the README.
     python benchmarks/bench_cpu_scores.py --out docs/results/cpu_scores.md
     python benchmarks/bench_cpu_scores.py --dtype bfloat16 --out docs/results/cpu_scores_bf16.md
     python benchmarks/bench_varlen.py --memory --out docs/results/varlen_cpu.md
+    .venv-serve/bin/python benchmarks/bench_vllm.py --repeats 9 --out docs/results/vllm_cpu.md
     python benchmarks/readme_tables.py
 
 Only text between the ``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers of the two files changes; every
@@ -99,12 +100,29 @@ def _decode_ratio(text: str) -> tuple[str, str]:
             f"{d.group(1) if d else '?'}, {cpu.group(1) if cpu else '?'}")
 
 
+def _vllm_ratios(text: str) -> tuple[str, str]:
+    """(``decode 1.08x / 1.04x, prefill 1.04x / 1.14x (batch 1 / 8)``, date and CPU) of bench_vllm.py's table."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].isdigit():
+            rows[cells[0]] = cells
+    batches = sorted(rows, key=int)
+    # columns: batch, prefill softmax, prefill SA, prefill ratio, decode softmax, decode SA, decode ratio, ...
+    decode = " / ".join(rows[b][6] for b in batches)
+    prefill = " / ".join(rows[b][3] for b in batches)
+    m = re.search(r", (\d{4}-\d\d-\d\d), ([^,]+),", text)
+    where = f"{m.group(1)}, {m.group(2)}" if m else "date and machine in the file"
+    return f"decode {decode}, prefill {prefill} (batch {' / '.join(batches)})", where
+
+
 def summary() -> str:
     """The README's one table: each headline ratio, when and where it was measured, and its full table."""
     plain, causal = _read("cpu_attention.md"), _read("cpu_attention_causal.md")
     bf16, bf16_causal = _read("cpu_attention_bf16.md"), _read("cpu_attention_bf16_causal.md")
     train, train_where = _train_ratios(_read("train_throughput.txt"))
     decode, decode_where = _decode_ratio(_read("hf_decode.txt"))
+    served, served_where = _vllm_ratios(_read("vllm_cpu.md"))
     full = "[table](docs/results/benchmarks.md)"
 
     def row(what: str, table: str, columns: tuple[str, ...]) -> str:
@@ -120,6 +138,8 @@ def summary() -> str:
         row("SA / naive eager SA, peak memory, fp32", plain, MEMORY_RATIO),
         f"| SA / softmax training tokens/s (4x256 GPT, length 512, fp32) | {train} | {train_where} | {full} |",
         f"| SA / SDPA, tiny Llama in transformers | {decode} | {decode_where} | {full} |",
+        f"| SA / softmax time under vLLM (its CPU_ATTN), tiny Llama | {served} | {served_where} | "
+        "[table](docs/results/vllm_cpu.md) |",
     ]
     return ("CPU, 2 threads; every figure printed by a script in `benchmarks/` that times ours and the baseline "
             "alternately in one process (medians), copied here by `benchmarks/readme_tables.py`:\n\n"

@@ -24,6 +24,7 @@ MANY_PARAMETERS = {
     "integrations/hf.py:sa_attention_forward",  # transformers' attention-function signature + the SA options
     "integrations/torch.py:sa_sdpa",  # F.scaled_dot_product_attention's signature + the SA options
     "integrations/vllm/paged.py:forward",  # vLLM's AttentionImpl.forward signature
+    "attention/paged.py:sa_paged_decode",  # the paged cache's four tensors + sa_attention's options
     "attention/backends/triton/__init__.py:launch_plan",  # the shape numbers of one call, for the launch-plan unit test
 }
 MAX_LINES, MAX_PARAMS = 80, 8

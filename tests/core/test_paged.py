@@ -12,7 +12,7 @@ from support.accuracy import assert_accuracy_rule
 from support.reference64 import oracle_attention
 
 from sasoftmax import sa_attention
-from sasoftmax.attention import paged_history, sa_paged_decode
+from sasoftmax.attention import paged_history, paged_store, sa_paged_decode
 from sasoftmax.attention.backends import cpp
 
 ROUTES = [
@@ -175,3 +175,55 @@ def test_a_gradient_request_is_refused():
     q, cache, table, lens, _ = _paged([5], 2, 2, 8, torch.float32, torch.float32)
     with pytest.raises(RuntimeError, match="no gradient"):
         sa_paged_decode(q.requires_grad_(True), cache, table, lens)
+
+
+STORE_ROUTES = [
+    pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(cpp.load_error() is not None,
+                                                           reason=f"kernel unavailable: {cpp.load_error()}")),
+    pytest.param("torch", id="torch"),
+]
+
+
+@pytest.mark.parametrize("route", STORE_ROUTES)
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                    (torch.float16, torch.float32)])
+def test_store_writes_each_token_into_its_slot(route, dtype, cache_dtype):
+    """Tokens land at (slot // block, head, slot % block) as [key | value] in the cache's dtype; padding (slot -1)
+    and tokens past the slot mapping are not written; strided key/value views (a fused qkv projection) are fine."""
+    g = torch.Generator().manual_seed(4)
+    hkv, d, block = 2, 8, 4
+    cache = torch.zeros(6, hkv, block, 2 * d, dtype=cache_dtype)
+    qkv = torch.randn(7, hkv, 3 * d, generator=g).to(dtype)
+    key, value = qkv[..., d : 2 * d], qkv[..., 2 * d :]  # views with row strides of 3 * d
+    slots = torch.tensor([5, -1, 0, 23, 9, 12], dtype=torch.int32)  # token 6 has no slot
+    paged_store(key, value, cache, slots, backend=route)
+    want = torch.zeros_like(cache)
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            want[s // block, :, s % block] = torch.cat([key[i], value[i]], dim=-1).to(cache_dtype)
+    torch.testing.assert_close(cache, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("route", STORE_ROUTES)
+def test_store_refuses_a_slot_past_the_cache(route):
+    cache = torch.zeros(2, 1, 4, 8)
+    kv = torch.zeros(1, 1, 4)
+    with pytest.raises(ValueError, match="slot"):
+        paged_store(kv, kv, cache, torch.tensor([8]), backend=route)
+
+
+def test_store_then_decode_is_attention_over_the_stored_tokens():
+    """The two halves of a serving step: store a request's tokens one by one, then decode its last one."""
+    g = torch.Generator().manual_seed(5)
+    n, hkv, d = 37, 2, 16
+    k, v = torch.randn(n, hkv, d, generator=g), torch.randn(n, hkv, d, generator=g)
+    q = torch.randn(1, 4, d, generator=g)
+    cache = torch.full((12, hkv, 8, 2 * d), float("nan"))
+    table = torch.tensor([[7, 2, 9, 0, 11]], dtype=torch.int32)
+    slots = torch.tensor([int(table[0, t // 8]) * 8 + t % 8 for t in range(n)])
+    for t in range(n):
+        paged_store(k[t : t + 1], v[t : t + 1], cache, slots[t : t + 1])
+    with torch.no_grad():
+        out = sa_paged_decode(q, cache, table, torch.tensor([n]))
+    want = sa_attention(q[:, :, None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], backend="reference")
+    torch.testing.assert_close(out, want[:, :, 0], rtol=2e-5, atol=2e-5)

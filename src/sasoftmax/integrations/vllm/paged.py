@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ...attention import sa_attention
-from ...attention.paged import paged_history, sa_paged_decode
+from ...attention.paged import paged_history, paged_store, sa_paged_decode
 from . import _hf_block, sa_options
 
 __all__ = ["SAPagedAttention"]
@@ -67,13 +67,7 @@ class SAPagedAttention:
         return self._sa_forward(query, kv_cache, attn_metadata, output)
 
     def _sa_cache_update(self, key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
-        block_size = kv_cache.shape[2]
-        n = slot_mapping.shape[0]
-        slots = slot_mapping.long()
-        keep = slots >= 0  # padded tokens carry slot -1
-        slots = slots[keep]
-        rows = torch.cat([key[:n][keep], value[:n][keep]], dim=-1).to(kv_cache.dtype)  # (n, Hkv, 2D)
-        kv_cache[slots // block_size, :, slots % block_size] = rows
+        paged_store(key, value, kv_cache, slot_mapping)  # padded tokens carry slot -1 and are skipped
 
     def _sa_forward(self, query: Tensor, kv_cache: Tensor, attn_metadata: Any, output: Tensor) -> Tensor:
         if attn_metadata is None:  # warm-up
@@ -113,10 +107,18 @@ class SAPagedAttention:
         sees its whole history): on CPU the fused kernel reads the cache in place."""
         assert self.sa is not None
         device = query.device
-        idx = torch.tensor(rows, device=device)
-        tokens = torch.tensor([starts[i] for i in rows], device=device)
+        table, lens = attn_metadata.block_table, attn_metadata.seq_lens
+        n = len(rows)
+        if rows[-1] == n - 1 and starts[n] == n:  # the first n requests, one token each: no gather, no scatter
+            q, table, lens = query[:n], table[:n], lens[:n]
+        else:
+            idx = torch.tensor(rows, device=table.device)
+            tokens = torch.tensor([starts[i] for i in rows], device=device)
+            q, table, lens = query[tokens], table[idx], lens.to(table.device)[idx]
         slopes = None if self.alibi_slopes is None else self.alibi_slopes.to(device)
-        res = sa_paged_decode(query[tokens], kv_cache, attn_metadata.block_table.to(device)[idx],
-                              attn_metadata.seq_lens.to(device)[idx], scale=self.scale, window=self.window,
+        res = sa_paged_decode(q, kv_cache, table.to(device), lens.to(device), scale=self.scale, window=self.window,
                               softcap=self.softcap, alibi_slopes=slopes, **self.sa)
-        out[tokens] = res.to(out.dtype)
+        if rows[-1] == n - 1 and starts[n] == n:
+            out[:n] = res.to(out.dtype)
+        else:
+            out[tokens] = res.to(out.dtype)

@@ -704,6 +704,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &sa_cpu::forward, "SA attention forward");
   m.def("backward", &sa_cpu::backward, "SA attention backward");
   m.def("paged_decode", &sa_cpu::paged_decode, "SA attention of one-token queries over a paged KV cache");
+  m.def("paged_store", &sa_cpu::paged_store, "write new key/value rows into a paged KV cache");
   m.def("select_gemm", &sa_cpu::select_gemm, "choose the matrix-product implementation ('blas' or 'aten')");
   m.attr("DEFAULT_PANEL_MIN_ROWS") = sa_cpu::kDefaultPanelMinRows;
   m.def("panels_available", []() { return sa_cpu::kPanelsAvailable; }, "whether this build has the panel path");
